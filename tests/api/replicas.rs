@@ -1,0 +1,87 @@
+//! Many replicas on one Redis: the tick must rotate once per interval in
+//! total. With a tick per replica, two rotations back to back would make a
+//! name vanish long before its interval is over.
+
+use std::time::{Duration, Instant};
+
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::backends::assert_listed_for_one_interval_then_gone;
+use crate::helpers::{TestApp, settings, spawn_app};
+use crate::redis_server::RedisServer;
+
+fn rotations(metrics: &str, kind: &str) -> u64 {
+    let series = format!("presence_ticks_total{{kind=\"{kind}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
+#[tokio::test]
+async fn three_servers_on_one_redis_keep_a_name_listed_for_one_interval() {
+    let interval = Duration::from_millis(1500);
+    let redis = RedisServer::start();
+    let started = Instant::now();
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        let mut settings = settings(Some(redis.url()));
+        settings.tick_interval = interval;
+        let app = spawn_app(settings).await;
+        app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
+            .await;
+        apps.push(app);
+    }
+    let apps: Vec<&TestApp> = apps.iter().collect();
+
+    // Three rounds, each starting where the last ended, so the report falls
+    // at different phases of the rotation.
+    for _ in 0..3 {
+        assert_listed_for_one_interval_then_gone(&apps, interval).await;
+    }
+
+    let elapsed = started.elapsed();
+    let most = elapsed.as_millis() / interval.as_millis() + 1;
+    for kind in ["users", "guests"] {
+        let mut total = 0;
+        for app in &apps {
+            total += rotations(&app.scrape().await, kind);
+        }
+        assert!(total >= 2, "{kind}: only {total} rotations in {elapsed:?}");
+        assert!(
+            u128::from(total) <= most,
+            "{kind}: {total} rotations in {elapsed:?}, at most {most} allowed at one per interval"
+        );
+    }
+}
+
+#[tokio::test]
+async fn replicas_with_different_prefixes_do_not_share_presence() {
+    let redis = RedisServer::start();
+    let mut staging = settings(Some(redis.url()));
+    staging.key_prefix = "staging".parse().expect("a valid prefix");
+    let staging = spawn_app(staging).await;
+    let production = spawn_app(settings(Some(redis.url()))).await;
+    staging.report_user("only-in-staging").await.expect("report accepted");
+    assert_eq!(production.list(0).await.expect("listing").user_count, 0);
+    assert_eq!(staging.list(0).await.expect("listing").users, ["only-in-staging"]);
+
+    // The first tick may already have moved it from current to old.
+    let mut direct = redis.connection().expect("a direct connection");
+    let mut members = Vec::new();
+    for key in ["{staging:users}:current", "{staging:users}:old"] {
+        let names: Vec<String> = redis::cmd("ZRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(-1)
+            .query(&mut direct)
+            .expect("the documented keys are sorted sets");
+        members.extend(names);
+    }
+    assert_eq!(members, ["only-in-staging"]);
+    let keys: Vec<String> = redis::cmd("KEYS").arg("{presence:*").query(&mut direct).expect("KEYS");
+    assert!(
+        keys.iter().all(|k| !k.ends_with(":current") && !k.ends_with(":old")),
+        "{keys:?}"
+    );
+}
