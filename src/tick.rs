@@ -27,11 +27,11 @@ pub async fn run(store: Arc<dyn Store>, interval: Duration, metrics: Metrics, st
     loop {
         let wait = match store.rotate_if_due(interval).await {
             Ok(rotation) => {
-                for kind in rotation.rotated {
-                    metrics.rotated(kind);
-                    tracing::debug!(%kind, "rotated current into old");
+                for done in rotation.kinds.iter().filter(|k| k.rotated) {
+                    metrics.rotated(done.kind);
+                    tracing::debug!(kind = %done.kind, "rotated current into old");
                 }
-                rotation.next_due_in
+                rotation.next_due_in().unwrap_or(interval)
             }
             Err(error) => {
                 metrics.redis_error("rotate");

@@ -7,7 +7,7 @@ use std::{
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Rotation, Store, StoreError, merge_sorted};
+use super::{KindRotation, Rotation, Store, StoreError, merge_sorted};
 use crate::domain::{ListLimit, Online, OnlineList, Visitors};
 use crate::keyspace::Kind;
 
@@ -89,29 +89,30 @@ impl Store for MemoryStore {
 
     async fn rotate_if_due(&self, interval: Duration) -> Result<Rotation, StoreError> {
         let now = Instant::now();
-        let mut rotation = Rotation {
-            rotated: Vec::new(),
-            next_due_in: interval,
-        };
+        let mut kinds = Vec::with_capacity(Kind::ALL.len());
         for kind in Kind::ALL {
-            let stale = {
-                let mut sets = self.sets(kind);
-                let since = sets.last_rotation.map(|at| now.saturating_duration_since(at));
-                match since {
-                    Some(since) if since < interval => {
-                        rotation.next_due_in = rotation.next_due_in.min(interval - since);
-                        continue;
-                    }
-                    _ => {}
-                }
-                sets.last_rotation = Some(now);
-                let current = std::mem::take(&mut sets.current);
-                std::mem::replace(&mut sets.old, current)
-            };
+            let mut sets = self.sets(kind);
+            let since = sets.last_rotation.map(|at| now.saturating_duration_since(at));
+            if let Some(since) = since.filter(|since| *since < interval) {
+                kinds.push(KindRotation {
+                    kind,
+                    rotated: false,
+                    next_due_in: interval - since,
+                });
+                continue;
+            }
+            sets.last_rotation = Some(now);
+            let current = std::mem::take(&mut sets.current);
+            let stale = std::mem::replace(&mut sets.old, current);
+            drop(sets);
             drop(stale);
-            rotation.rotated.push(kind);
+            kinds.push(KindRotation {
+                kind,
+                rotated: true,
+                next_due_in: interval,
+            });
         }
-        Ok(rotation)
+        Ok(Rotation { kinds })
     }
 
     fn describe(&self) -> String {

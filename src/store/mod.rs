@@ -10,6 +10,7 @@
 //! under a lease of one interval; one shared test suite (`tests/store.rs`)
 //! holds them to the same behaviour.
 
+mod connection;
 mod memory;
 mod redis;
 
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisStore, RedisStoreConfig};
 use crate::domain::{ListLimit, Online, Visitors};
+use crate::keyspace::Kind;
 
 /// Presence storage, in domain terms. Every call is bounded in time: a slow
 /// or missing backend gives [`StoreError`], never a hang.
@@ -39,13 +41,27 @@ pub trait Store: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
-/// What one call to [`Store::rotate_if_due`] did.
+/// What one call to [`Store::rotate_if_due`] did, kind by kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rotation {
-    /// The kinds this call rotated (none if another replica had, lately).
-    pub rotated: Vec<crate::keyspace::Kind>,
-    /// How long until the earliest next rotation may be due.
+    pub kinds: Vec<KindRotation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindRotation {
+    pub kind: Kind,
+    /// Whether this call rotated the kind (not if anyone had, lately).
+    pub rotated: bool,
+    /// How long until the kind's next rotation is due: no one can rotate
+    /// it sooner, since the last rotation's lease lasts until then.
     pub next_due_in: Duration,
+}
+
+impl Rotation {
+    /// How long until the earliest next rotation of any kind is due.
+    pub fn next_due_in(&self) -> Option<Duration> {
+        self.kinds.iter().map(|k| k.next_due_in).min()
+    }
 }
 
 /// Why the store could not answer. All of these mean "try again later": the
@@ -58,6 +74,17 @@ pub enum StoreError {
     Pool(String),
     #[error("Redis failed: {0}")]
     Redis(#[from] ::redis::RedisError),
+}
+
+impl StoreError {
+    /// Whether the connection that saw this error should be replaced: any
+    /// I/O trouble, or a hang. A script error leaves it usable.
+    pub fn breaks_connection(&self) -> bool {
+        match self {
+            StoreError::Timeout(_) | StoreError::Pool(_) => true,
+            StoreError::Redis(e) => e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error(),
+        }
+    }
 }
 
 /// Merges two sorted lists of distinct names into the first `limit`, sorted.

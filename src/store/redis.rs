@@ -3,8 +3,10 @@ use std::{future::Future, time::Duration};
 use async_trait::async_trait;
 use bb8_redis::{RedisConnectionManager, bb8};
 use redis::{IntoConnectionInfo, Script, aio::MultiplexedConnection};
+use tokio::time::{Instant, timeout_at};
 
-use super::{Rotation, Store, StoreError, merge_sorted};
+use super::connection::{BrokenFlag, TrackedManager};
+use super::{KindRotation, Rotation, Store, StoreError, merge_sorted};
 use crate::domain::{ListLimit, Online, OnlineList, Visitors};
 use crate::keyspace::{self, KeyPrefix, Keyspace, Kind, KindKeys};
 
@@ -25,10 +27,12 @@ pub struct RedisStoreConfig {
 /// Each call checks a multiplexed connection out of the pool, clones it and
 /// gives the pooled one back at once: the clone pipelines the call with
 /// every other on that connection instead of holding the connection for a
-/// whole round trip. The pool's check-out test (a PING) is what replaces a
-/// connection that broke, e.g. after Redis restarted.
+/// whole round trip. A call that sees its connection fail marks it broken,
+/// and the pool replaces it (see [`TrackedManager`]): that is how the store
+/// recovers by itself after Redis restarts.
 pub struct RedisStore {
-    pool: bb8::Pool<RedisConnectionManager>,
+    pool: bb8::Pool<TrackedManager>,
+    pool_size: u32,
     keys: Keyspace,
     timeout: Duration,
     report_script: Script,
@@ -50,11 +54,12 @@ impl RedisStore {
         let pool = bb8::Pool::builder()
             .max_size(config.pool_size)
             .connection_timeout(config.timeout)
-            .test_on_check_out(true)
-            .build_unchecked(manager);
+            .test_on_check_out(false)
+            .build_unchecked(TrackedManager(manager));
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "presence".to_owned());
         Ok(Self {
             pool,
+            pool_size: config.pool_size,
             keys: Keyspace::new(&config.key_prefix),
             timeout: config.timeout,
             report_script: Script::new(keyspace::REPORT_SCRIPT),
@@ -65,23 +70,45 @@ impl RedisStore {
         })
     }
 
-    /// Runs one store operation on a connection, within the time bound.
+    /// A connection that has not been seen to fail. A broken one is dropped
+    /// as its pool guard goes, and the pool connects a new one in its place.
+    async fn checkout(&self) -> Result<(MultiplexedConnection, BrokenFlag), StoreError> {
+        for _ in 0..=self.pool_size {
+            let pooled = self.pool.get().await.map_err(|e| match e {
+                bb8::RunError::User(e) => StoreError::Redis(e),
+                bb8::RunError::TimedOut => StoreError::Pool("timed out connecting".to_owned()),
+            })?;
+            if !pooled.broken.is_set() {
+                return Ok((pooled.connection.clone(), pooled.broken.clone()));
+            }
+        }
+        Err(StoreError::Pool("every pooled connection is broken".to_owned()))
+    }
+
+    /// Runs one store operation on a connection, within the time bound. A
+    /// connection that failed or hung is marked broken, so the next call
+    /// gets a fresh one.
     async fn bounded<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let call = async {
-            let connection = self.pool.get().await.map_err(|e| match e {
-                bb8::RunError::User(e) => StoreError::Redis(e),
-                bb8::RunError::TimedOut => StoreError::Pool("timed out connecting".to_owned()),
-            })?;
-            let connection = connection.clone();
-            operation(connection).await
-        };
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
+        let deadline = Instant::now() + self.timeout;
+        let timed_out = || StoreError::Timeout(self.timeout);
+        let (connection, broken) = timeout_at(deadline, self.checkout()).await.map_err(|_| timed_out())??;
+        match timeout_at(deadline, operation(connection)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                if error.breaks_connection() {
+                    broken.mark();
+                }
+                Err(error)
+            }
+            Err(_) => {
+                broken.mark();
+                Err(timed_out())
+            }
+        }
     }
 
     async fn report_kind(
@@ -174,18 +201,16 @@ impl Store for RedisStore {
 
     async fn rotate_if_due(&self, interval: Duration) -> Result<Rotation, StoreError> {
         self.bounded(|connection| async move {
-            let mut rotation = Rotation {
-                rotated: Vec::new(),
-                next_due_in: interval,
-            };
+            let mut kinds = Vec::with_capacity(Kind::ALL.len());
             for kind in Kind::ALL {
-                let (rotated, next_due) = self.rotate_kind(connection.clone(), kind, interval).await?;
-                if rotated {
-                    rotation.rotated.push(kind);
-                }
-                rotation.next_due_in = rotation.next_due_in.min(next_due);
+                let (rotated, next_due_in) = self.rotate_kind(connection.clone(), kind, interval).await?;
+                kinds.push(KindRotation {
+                    kind,
+                    rotated,
+                    next_due_in,
+                });
             }
-            Ok(rotation)
+            Ok(Rotation { kinds })
         })
         .await
     }

@@ -75,3 +75,36 @@ async fn a_service_started_while_redis_is_down_serves_once_it_is_up() {
         .await;
     app.report_user("late").await.expect("report accepted once Redis is up");
 }
+
+#[tokio::test]
+async fn a_redis_that_hangs_gives_unavailable_in_bounded_time_and_recovers_when_it_answers() {
+    let redis = RedisServer::start();
+    let app = spawn_app(settings(Some(redis.url()))).await;
+    app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
+        .await;
+    app.report_user("before")
+        .await
+        .expect("report accepted while Redis answers");
+
+    redis.pause();
+
+    for _ in 0..3 {
+        let began = Instant::now();
+        let status = app.report_user("during").await.expect_err("a hung Redis, no report");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(began.elapsed() < UNAVAILABLE_BOUND, "took {:?}", began.elapsed());
+    }
+    app.wait_for_health("presence.v1.Presence", ServingStatus::NotServing)
+        .await;
+
+    redis.resume();
+
+    eventually("reports to succeed again", Duration::from_secs(10), || async {
+        app.report_user("after").await.ok()
+    })
+    .await;
+    app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
+        .await;
+    let online = app.list(0).await.expect("listing after recovery");
+    assert!(online.users.contains(&"before".to_owned()) && online.users.contains(&"after".to_owned()));
+}

@@ -1,0 +1,153 @@
+'use strict';
+// The Node client against a running Presence server (PRESENCE_TARGET).
+// Run: PRESENCE_TARGET=127.0.0.1:50051 node --test   (scripts/test-clients does it all)
+
+const assert = require('node:assert/strict');
+const { execFile } = require('node:child_process');
+const crypto = require('node:crypto');
+const net = require('node:net');
+const path = require('node:path');
+const { after, before, describe, it } = require('node:test');
+const { promisify } = require('node:util');
+const { PresenceClient, status } = require('../presence');
+
+const TARGET = process.env.PRESENCE_TARGET;
+
+const unique = () => `node-${crypto.randomBytes(6).toString('hex')}`;
+const randomByte = () => crypto.randomInt(1, 255);
+const randomIpv4 = () => `10.${randomByte()}.${randomByte()}.${randomByte()}`;
+const randomGroup = () => crypto.randomInt(0x1000, 0xffff);
+const byBytes = (names) => [...names].sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+
+// Resolves to the gRPC error a call rejects with; fails if it succeeds.
+async function rejection(promise) {
+  try {
+    await promise;
+  } catch (error) {
+    return error;
+  }
+  assert.fail('the call succeeded');
+}
+
+describe('Presence from Node', () => {
+  let presence;
+
+  before(() => {
+    assert.ok(TARGET, 'PRESENCE_TARGET is unset: run scripts/test-clients, or set it to host:port');
+    presence = new PresenceClient(TARGET);
+  });
+
+  after(() => presence?.close());
+
+  it('lists a reported user', async () => {
+    const name = `${unique()}-alice`;
+    await presence.reportUser(name);
+    assert.ok((await presence.listOnline()).users.includes(name));
+  });
+
+  it('lists guests in canonical form', async () => {
+    const v4 = randomIpv4();
+    const group = randomGroup();
+    await presence.reportGuest(`::ffff:${v4}`);
+    await presence.reportGuest(`2001:DB8:${group.toString(16).toUpperCase()}::0001`);
+    const { guests } = await presence.listOnline();
+    assert.ok(guests.includes(v4), `${v4} not in ${guests}`);
+    assert.ok(guests.includes(`2001:db8:${group.toString(16)}::1`));
+    assert.ok(!guests.includes(`::ffff:${v4}`));
+  });
+
+  for (const [why, username] of [
+    ['empty', ''],
+    ['leading space', ` ${unique()}`],
+    ['control character', `${unique()}\u0000`],
+    ['over 256 bytes', `${unique()}${'ü'.repeat(125)}`],
+  ]) {
+    it(`rejects a username that is ${why}, naming the field`, async () => {
+      const error = await rejection(presence.reportUser(username));
+      assert.equal(error.code, status.INVALID_ARGUMENT, error.message);
+      assert.match(error.details, /username/);
+    });
+  }
+
+  it('rejects an address with a port, naming the field', async () => {
+    const error = await rejection(presence.reportGuest('1.2.3.4:80'));
+    assert.equal(error.code, status.INVALID_ARGUMENT, error.message);
+    assert.match(error.details, /ip_address/);
+  });
+
+  it('stores a batch whole, or nothing of it', async () => {
+    const prefix = unique();
+    const v4 = randomIpv4();
+    await presence.reportBatch({ usernames: [`${prefix}-b`, `${prefix}-a`], ipAddresses: [v4] });
+    let online = await presence.listOnline();
+    assert.ok(online.users.includes(`${prefix}-a`) && online.users.includes(`${prefix}-b`));
+    assert.ok(online.guests.includes(v4));
+
+    const other = randomIpv4();
+    const error = await rejection(presence.reportBatch({ usernames: [`${prefix}-c`], ipAddresses: [other, 'nope'] }));
+    assert.equal(error.code, status.INVALID_ARGUMENT, error.message);
+    assert.match(error.details, /ip_addresses/);
+    online = await presence.listOnline();
+    assert.ok(!online.users.includes(`${prefix}-c`) && !online.guests.includes(other));
+  });
+
+  it('sorts both lists by bytes', async () => {
+    const prefix = unique();
+    const names = [`${prefix}-é`, `${prefix}-b`, `${prefix}-Z`, `${prefix}-a`];
+    for (const name of names) await presence.reportUser(name);
+    await presence.reportGuest(randomIpv4());
+    await presence.reportGuest(`2001:db8::${randomGroup().toString(16)}`);
+    const { users, guests } = await presence.listOnline();
+    assert.deepEqual(users, byBytes(users));
+    assert.deepEqual(guests, byBytes(guests));
+    assert.deepEqual(users.filter((user) => user.startsWith(prefix)), byBytes(names));
+  });
+
+  it('counts everyone, whatever the limit', async () => {
+    const prefix = unique();
+    for (const name of ['a', 'b', 'c']) await presence.reportUser(`${prefix}-${name}`);
+    await presence.reportGuest(randomIpv4());
+    await presence.reportGuest(randomIpv4());
+    const everyone = await presence.listOnline();
+    assert.equal(typeof everyone.userCount, 'number');
+    assert.equal(everyone.userCount, everyone.users.length);
+    assert.equal(everyone.guestCount, everyone.guests.length);
+    assert.ok(everyone.userCount >= 3 && everyone.guestCount >= 2);
+
+    const firstTwo = await presence.listOnline(2);
+    assert.deepEqual(firstTwo.users, everyone.users.slice(0, 2));
+    assert.deepEqual(firstTwo.guests, everyone.guests.slice(0, 2));
+    assert.equal(firstTwo.userCount, everyone.userCount);
+    assert.equal(firstTwo.guestCount, everyone.guestCount);
+  });
+
+  it('fails fast with UNAVAILABLE when nothing listens', async () => {
+    const port = await new Promise((resolve) => {
+      const probe = net.createServer().listen(0, '127.0.0.1', () => {
+        const { port } = probe.address();
+        probe.close(() => resolve(port));
+      });
+    });
+    const nowhere = new PresenceClient(`127.0.0.1:${port}`, { deadlineMs: 5000 });
+    const started = Date.now();
+    try {
+      const error = await rejection(nowhere.listOnline());
+      assert.equal(error.code, status.UNAVAILABLE, error.message);
+      assert.ok(Date.now() - started < 2000, `took ${Date.now() - started} ms`);
+    } finally {
+      nowhere.close();
+    }
+  });
+
+  it('reports and lists from the command line', async () => {
+    const run = promisify(execFile);
+    const cli = path.join(__dirname, '..', 'presence.js');
+    const name = `${unique()}-cli`;
+    await run(process.execPath, [cli, '--target', TARGET, 'user', name]);
+    const { stdout } = await run(process.execPath, [cli, '--target', TARGET, 'list']);
+    assert.ok(JSON.parse(stdout).users.includes(name));
+    const error = await rejection(run(process.execPath, [cli, '--target', TARGET, 'user', ' bad']));
+    assert.equal(error.code, 1);
+    assert.match(error.stderr, /INVALID_ARGUMENT/);
+  });
+});

@@ -1,0 +1,43 @@
+"""Shared test setup. The stubs are made afresh from the proto before any test
+module imports them, so the tests always run against the current contract."""
+
+import os
+import socket
+import uuid
+
+import pytest
+
+import generate
+
+generate.generate()
+
+
+@pytest.fixture(scope="session")
+def target() -> str:
+    """host:port of a running Presence server; scripts/test-clients starts one."""
+    value = os.environ.get("PRESENCE_TARGET")
+    if not value:
+        pytest.fail("PRESENCE_TARGET is unset: run scripts/test-clients, or set it to a Presence server's host:port")
+    return value
+
+
+@pytest.fixture
+def client(target):
+    from presence_client import PresenceClient
+
+    with PresenceClient(target) as presence:
+        yield presence
+
+
+@pytest.fixture
+def unique() -> str:
+    """A prefix no other test or run uses, so tests never see each other's names."""
+    return f"py-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
