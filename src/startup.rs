@@ -13,7 +13,7 @@ use tonic_health::ServingStatus;
 use crate::proto::{self, v1::presence_server::PresenceServer};
 use crate::service::PresenceService;
 use crate::settings::Settings;
-use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, Store};
+use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, RepeatFilter, Store};
 use crate::{backend_health, metrics, metrics::Metrics, tick};
 
 /// The running service: the gRPC server with health and reflection, the
@@ -45,12 +45,12 @@ impl Application {
     /// Redis: the service starts, not ready, while Redis is down.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let store: Arc<dyn Store> = match &settings.redis_url {
-            Some(url) => Arc::new(RedisStore::new(RedisStoreConfig {
+            Some(url) => Arc::new(RepeatFilter::new(RedisStore::new(RedisStoreConfig {
                 url: url.expose().to_owned(),
                 pool_size: settings.redis_pool_size,
                 timeout: settings.redis_timeout,
                 key_prefix: settings.key_prefix.clone(),
-            })?),
+            })?)),
             None => Arc::new(MemoryStore::new()),
         };
         Self::with_store(settings, store).await

@@ -6,12 +6,16 @@
 //!   newcomer can run the service at once. It lives in one process: replicas
 //!   do not share it.
 //!
+//! - [`RepeatFilter`]: in front of Redis, skips reports that cannot change
+//!   anything (a name already put into *current* since the last rotation).
+//!
 //! Both keep, per kind, two disjoint sets (*current* and *old*) and rotate
 //! under a lease of one interval; one shared test suite (`tests/store.rs`)
 //! holds them to the same behaviour.
 
 mod connection;
 mod memory;
+mod recent;
 mod redis;
 
 use std::time::Duration;
@@ -19,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use self::memory::MemoryStore;
+pub use self::recent::RepeatFilter;
 pub use self::redis::{RedisStore, RedisStoreConfig};
 use crate::domain::{ListLimit, Online, Visitors};
 use crate::keyspace::Kind;

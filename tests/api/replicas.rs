@@ -85,3 +85,61 @@ async fn replicas_with_different_prefixes_do_not_share_presence() {
         "{keys:?}"
     );
 }
+
+/// Replicas skip repeat reports of a name they already put into *current*.
+/// That must never shorten the contract: a name last reported at t is
+/// listed until t + T, across rotations done by any replica.
+#[tokio::test]
+async fn a_name_reported_again_and_again_through_three_replicas_stays_listed_one_interval_after_the_last() {
+    let interval = Duration::from_millis(1500);
+    let redis = RedisServer::start();
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        let mut settings = settings(Some(redis.url()));
+        settings.tick_interval = interval;
+        let app = spawn_app(settings).await;
+        app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
+            .await;
+        apps.push(app);
+    }
+
+    // Repeat reports through every replica across at least two rotations,
+    // checking after each that the name is listed.
+    let repeating = Instant::now();
+    let mut reports = 0;
+    let mut last_report = Instant::now();
+    while repeating.elapsed() < 2 * interval + interval / 2 {
+        let app = &apps[reports % apps.len()];
+        last_report = Instant::now();
+        app.report_user("regular").await.expect("report accepted");
+        reports += 1;
+        let online = apps[(reports + 1) % apps.len()].list(0).await.expect("listing");
+        assert!(
+            online.users.contains(&"regular".to_owned()),
+            "unlisted after {reports} reports"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+
+    // Then silence: still listed one interval after the last report.
+    while last_report.elapsed() < interval {
+        let online = apps[0].list(0).await.expect("listing");
+        if last_report.elapsed() < interval {
+            assert!(
+                online.users.contains(&"regular".to_owned()),
+                "gone {:?} after the last report, before T",
+                last_report.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    crate::helpers::eventually(
+        "the name to be gone after 2T",
+        2 * interval + Duration::from_secs(2),
+        || async {
+            let online = apps[1].list(0).await.ok()?;
+            (!online.users.contains(&"regular".to_owned())).then_some(())
+        },
+    )
+    .await;
+}
