@@ -25,7 +25,11 @@ const MIN_WAIT: Duration = Duration::from_millis(5);
 /// Rotates whenever a rotation is due, until `stop` is cancelled.
 pub async fn run(store: Arc<dyn Store>, interval: Duration, metrics: Metrics, stop: CancellationToken) {
     loop {
-        let wait = match store.rotate_if_due(interval).await {
+        let attempt = tokio::select! {
+            result = store.rotate_if_due(interval) => result,
+            () = stop.cancelled() => return,
+        };
+        let wait = match attempt {
             Ok(rotation) => {
                 for done in rotation.kinds.iter().filter(|k| k.rotated) {
                     metrics.rotated(done.kind);

@@ -25,7 +25,7 @@ pub struct TestApp {
     pub client: PresenceClient<Channel>,
     pub health: HealthClient<Channel>,
     stop: Option<oneshot::Sender<()>>,
-    _task: JoinHandle<()>,
+    task: JoinHandle<()>,
 }
 
 /// Settings for a test: loopback, free ports, and the given store.
@@ -60,7 +60,7 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         client: PresenceClient::new(channel.clone()),
         health: HealthClient::new(channel),
         stop: Some(stop),
-        _task: task,
+        task,
     }
 }
 
@@ -119,6 +119,25 @@ impl TestApp {
         stream.read_to_string(&mut response).await.expect("response read");
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         response
+    }
+}
+
+impl TestApp {
+    /// Sends the shutdown signal, as SIGTERM would, without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits for the application to have stopped, failing after `within`.
+    pub async fn wait_stopped(mut self, within: Duration) {
+        self.begin_shutdown();
+        let task = &mut self.task;
+        tokio::time::timeout(within, task)
+            .await
+            .expect("the application stops in time")
+            .expect("the application ends without panicking");
     }
 }
 

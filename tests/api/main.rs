@@ -10,3 +10,4 @@ mod process;
 mod redis_server;
 mod reflection;
 mod replicas;
+mod shutdown;

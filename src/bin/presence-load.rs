@@ -1,0 +1,707 @@
+//! `presence-load`: a load generator for Presence, built on the project's own
+//! generated tonic client, so what it measures is what a Rust caller gets.
+//!
+//! It keeps `--concurrency` callers in flight, spread over `--connections`
+//! HTTP/2 connections (one connection is driven by one task on each side, so
+//! a single one would measure that task, not the service). After `--warmup`,
+//! it times every call for `--duration` or `--requests`, then prints ONE line
+//! of JSON on stdout:
+//!
+//! ```text
+//! {"workload":"report-unique","concurrency":50,"connections":4,"requests":123456,"seconds":10.001,
+//!  "rps":12344.3,"names_per_sec":12344.3,"p50_ms":3.1,"p99_ms":7.9,"p999_ms":12.0,"errors":{}}
+//! ```
+//!
+//! A run in which any call failed is not a result: the line is still printed
+//! (with the failures counted by gRPC code in `errors`), and the exit status
+//! is 1.
+//!
+//! Workloads:
+//! - `health`: `grpc.health.v1.Health/Check` for `--service` (default `""`),
+//!   which does no Redis work: the gRPC ceiling the other figures are compared
+//!   to.
+//! - `report-unique`, `report-zipf`, `report-guest`, `report-batch`: the
+//!   report calls, with never-repeating names, Zipf-distributed names, unique
+//!   IPv4/IPv6 guests, and `--batch-size` unique names per call.
+//! - `list`: `ListOnline` with `--limit`.
+//! - `populate`: puts `--people` users online as fast as it can, with
+//!   `ReportBatch` calls of 1000 names `{prefix}-{i:08}`.
+//! - `wait-serving`: polls `Health/Check` for `--service` (default
+//!   `presence.v1.Presence`) until it is SERVING or `--duration` (default 10s)
+//!   passes, and reports the wall-clock time of the first SERVING answer, so a
+//!   script can measure start-up time from the moment it spawned the server.
+//!
+//! It sends traffic only to `--target` and stops by itself: every run is
+//! bounded by its duration or request count, and every call by
+//! `--call-timeout`.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use clap::{Parser, ValueEnum};
+use presence::proto::v1::{
+    ListOnlineRequest, ReportBatchRequest, ReportGuestRequest, ReportUserRequest, presence_client::PresenceClient,
+};
+use tonic::{
+    Code, Status,
+    transport::{Channel, Endpoint},
+};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+/// `ReportBatch` takes at most this many entries; `populate` sends full ones.
+const MAX_BATCH: u32 = 1000;
+
+/// How often `wait-serving` asks. Short, so the start-up time it measures is
+/// the server's and not the poll interval's.
+const WAIT_SERVING_POLL: Duration = Duration::from_millis(1);
+
+#[derive(Debug, Parser)]
+#[command(about = "Load generator for the Presence gRPC service (loopback targets only).")]
+struct Args {
+    /// The server to call, e.g. http://127.0.0.1:50051.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+
+    /// What to call.
+    #[arg(long, value_enum)]
+    workload: Workload,
+
+    /// Calls in flight at once, each from its own task.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    concurrency: u32,
+
+    /// HTTP/2 connections the callers are spread over.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    connections: u32,
+
+    /// How long to measure, after the warm-up (default 10s, unless --requests).
+    #[arg(long, conflicts_with = "requests")]
+    duration: Option<humantime::Duration>,
+
+    /// How many calls to measure, after the warm-up.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: Option<u64>,
+
+    /// How long to call before measuring (connections warm, pools full).
+    #[arg(long, default_value = "1s")]
+    warmup: humantime::Duration,
+
+    /// report-zipf: how many distinct names to draw from.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    names: u64,
+
+    /// report-zipf: the exponent s; name k (from 1) is drawn with weight 1/k^s.
+    #[arg(long, default_value_t = 1.0)]
+    zipf_s: f64,
+
+    /// report-batch: unique user names per call.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=MAX_BATCH as i64))]
+    batch_size: u32,
+
+    /// list: the `limit` of each ListOnline call.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+
+    /// populate: how many users to put online.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    people: u64,
+
+    /// The start of every generated name (default: the workload's short name
+    /// and, for never-repeating names, an id unique to this run).
+    #[arg(long)]
+    name_prefix: Option<String>,
+
+    /// health and wait-serving: the service to ask about (default "" for
+    /// health, "presence.v1.Presence" for wait-serving).
+    #[arg(long)]
+    service: Option<String>,
+
+    /// The longest any one call may take before it counts as an error.
+    #[arg(long, default_value = "5s")]
+    call_timeout: humantime::Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    Health,
+    ReportUnique,
+    ReportZipf,
+    ReportGuest,
+    ReportBatch,
+    List,
+    Populate,
+    WaitServing,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Health => "health",
+            Workload::ReportUnique => "report-unique",
+            Workload::ReportZipf => "report-zipf",
+            Workload::ReportGuest => "report-guest",
+            Workload::ReportBatch => "report-batch",
+            Workload::List => "list",
+            Workload::Populate => "populate",
+            Workload::WaitServing => "wait-serving",
+        }
+    }
+
+    /// Whether each call reports names, so names per second means something.
+    fn reports_names(self) -> bool {
+        !matches!(self, Workload::Health | Workload::List | Workload::WaitServing)
+    }
+}
+
+/// A multi-thread runtime: the callers and the h2 connection tasks run on
+/// every core, as they would in a real client process.
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.workload == Workload::WaitServing {
+        return wait_serving(&args).await;
+    }
+    let channels = match connect(&args).await {
+        Ok(channels) => channels,
+        Err(error) => {
+            eprintln!("presence-load: cannot connect to {}: {error}", args.target);
+            println!(
+                "{{\"workload\":{},\"error\":{}}}",
+                json_string(args.workload.name()),
+                json_string(&error.to_string())
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let plan = Arc::new(Plan::new(&args));
+    let schedule = Arc::new(Schedule::new(&args));
+
+    let workers: Vec<_> = (0..u64::from(args.concurrency))
+        .map(|id| {
+            let channel = channels[(id % channels.len() as u64) as usize].clone();
+            let worker = Worker {
+                presence: PresenceClient::new(channel.clone()),
+                health: HealthClient::new(channel),
+                plan: plan.clone(),
+                rng: SplitMix64::new(plan.run_id ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            };
+            tokio::spawn(run_worker(worker, schedule.clone()))
+        })
+        .collect();
+
+    let mut total = Tally::default();
+    for worker in workers {
+        match worker.await {
+            Ok(tally) => total.merge(tally),
+            Err(error) => {
+                eprintln!("presence-load: a caller task failed: {error}");
+                *total.errors.entry("TASK_FAILED").or_default() += 1;
+            }
+        }
+    }
+    let seconds = total.last_done.map_or(0.0, |done| {
+        done.saturating_duration_since(schedule.measure_from).as_secs_f64()
+    });
+    println!("{}", summary(&args, &mut total, seconds));
+    if total.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Opens `--connections` HTTP/2 connections. Each `Endpoint::connect` is a
+/// connection of its own; the callers share them round-robin.
+async fn connect(args: &Args) -> Result<Vec<Channel>, tonic::transport::Error> {
+    let endpoint = endpoint(args)?;
+    let mut channels = Vec::new();
+    for _ in 0..args.connections {
+        channels.push(endpoint.connect().await?);
+    }
+    Ok(channels)
+}
+
+fn endpoint(args: &Args) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(args.target.clone())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(*args.call_timeout))
+}
+
+/// What every caller needs to build its requests, computed once.
+struct Plan {
+    workload: Workload,
+    /// Seeds the random draws and makes never-repeating names unique across runs.
+    run_id: u64,
+    prefix: String,
+    service: String,
+    batch_size: u32,
+    limit: u32,
+    people: u64,
+    /// report-zipf: the cumulative distribution over names, for a binary search.
+    zipf_cdf: Vec<f64>,
+}
+
+impl Plan {
+    fn new(args: &Args) -> Self {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let run_id = SplitMix64::new(now.as_nanos() as u64 ^ u64::from(std::process::id())).next_u64();
+        let prefix = args.name_prefix.clone().unwrap_or_else(|| match args.workload {
+            Workload::ReportZipf => "zipf".to_owned(),
+            Workload::Populate => "pop".to_owned(),
+            Workload::ReportBatch => format!("b-{:012x}", run_id >> 16),
+            _ => format!("u-{:012x}", run_id >> 16),
+        });
+        let zipf_cdf = if args.workload == Workload::ReportZipf {
+            zipf_cdf(args.names, args.zipf_s)
+        } else {
+            Vec::new()
+        };
+        Self {
+            workload: args.workload,
+            run_id,
+            prefix,
+            service: args.service.clone().unwrap_or_default(),
+            batch_size: if args.workload == Workload::Populate {
+                MAX_BATCH
+            } else {
+                args.batch_size
+            },
+            limit: args.limit,
+            people: args.people,
+            zipf_cdf,
+        }
+    }
+}
+
+/// The Zipf distribution over `n` names as a cumulative table: entry k is the
+/// probability of drawing one of the first k+1 names. Drawing is then a
+/// uniform number and a binary search, O(log n) and exact.
+fn zipf_cdf(n: u64, s: f64) -> Vec<f64> {
+    let mut cdf = Vec::with_capacity(n as usize);
+    let mut sum = 0.0;
+    for k in 1..=n {
+        sum += 1.0 / (k as f64).powf(s);
+        cdf.push(sum);
+    }
+    for c in &mut cdf {
+        *c /= sum;
+    }
+    cdf
+}
+
+/// When to measure and when to stop, shared by every caller.
+struct Schedule {
+    /// Calls that start before this are warm-up: made, but not timed.
+    measure_from: Instant,
+    /// Duration mode: no call starts after this.
+    stop_at: Option<Instant>,
+    /// Request mode: how many timed calls may still start.
+    budget: Option<AtomicU64>,
+    /// Numbers every call, warm-up included, so generated names never repeat.
+    sequence: AtomicU64,
+}
+
+impl Schedule {
+    fn new(args: &Args) -> Self {
+        let start = Instant::now();
+        // populate is a chore, not a measurement: no warm-up, one call per batch.
+        let (warmup, requests) = match args.workload {
+            Workload::Populate => (Duration::ZERO, Some(args.people.div_ceil(u64::from(MAX_BATCH)))),
+            _ => (*args.warmup, args.requests),
+        };
+        let measure_from = start + warmup;
+        let stop_at = match requests {
+            Some(_) => None,
+            None => Some(measure_from + args.duration.map_or(Duration::from_secs(10), |d| *d)),
+        };
+        Self {
+            measure_from,
+            stop_at,
+            budget: requests.map(AtomicU64::new),
+            sequence: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a call starting at `now` may go ahead.
+    fn may_start(&self, now: Instant, timed: bool) -> bool {
+        if self.stop_at.is_some_and(|stop| now >= stop) {
+            return false;
+        }
+        match (&self.budget, timed) {
+            (Some(budget), true) => budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(1))
+                .is_ok(),
+            _ => true,
+        }
+    }
+}
+
+/// What one caller saw; merged into one at the end.
+#[derive(Default)]
+struct Tally {
+    /// Timed calls, failed ones included.
+    requests: u64,
+    /// Names reported by the timed calls that succeeded.
+    names: u64,
+    /// Latency of each timed call that succeeded, in microseconds.
+    latencies_us: Vec<u32>,
+    /// Failed calls (warm-up included), by gRPC code.
+    errors: BTreeMap<&'static str, u64>,
+    /// When the last timed call ended.
+    last_done: Option<Instant>,
+    /// list: the largest `user_count` answered, to check what was measured.
+    user_count: u64,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.requests += other.requests;
+        self.names += other.names;
+        self.latencies_us.extend(other.latencies_us);
+        for (code, count) in other.errors {
+            *self.errors.entry(code).or_default() += count;
+        }
+        self.last_done = self.last_done.max(other.last_done);
+        self.user_count = self.user_count.max(other.user_count);
+    }
+}
+
+/// What a successful call tells the tally.
+struct Answer {
+    names: u64,
+    user_count: u64,
+}
+
+/// One caller: a client per service on its share of the connections.
+struct Worker {
+    presence: PresenceClient<Channel>,
+    health: HealthClient<Channel>,
+    plan: Arc<Plan>,
+    rng: SplitMix64,
+}
+
+impl Worker {
+    /// Makes one call of the workload. `seq` is unique to the call in this run.
+    /// A failure is named by its gRPC code (or `NOT_SERVING` for a health
+    /// answer other than SERVING).
+    async fn call(&mut self, seq: u64) -> Result<Answer, &'static str> {
+        let plan = &*self.plan;
+        let one = Answer {
+            names: 1,
+            user_count: 0,
+        };
+        match plan.workload {
+            Workload::Health | Workload::WaitServing => {
+                let request = HealthCheckRequest {
+                    service: plan.service.clone(),
+                };
+                let status = self.health.check(request).await.map_err(failed)?.into_inner().status;
+                if status != ServingStatus::Serving as i32 {
+                    return Err("NOT_SERVING");
+                }
+                Ok(Answer { names: 0, ..one })
+            }
+            Workload::ReportUnique => {
+                let username = format!("{}-{seq}", plan.prefix);
+                self.presence
+                    .report_user(ReportUserRequest { username })
+                    .await
+                    .map_err(failed)?;
+                Ok(one)
+            }
+            Workload::ReportZipf => {
+                let u = self.rng.next_f64();
+                let rank = plan.zipf_cdf.partition_point(|&c| c < u).min(plan.zipf_cdf.len() - 1);
+                let username = format!("{}-{rank}", plan.prefix);
+                self.presence
+                    .report_user(ReportUserRequest { username })
+                    .await
+                    .map_err(failed)?;
+                Ok(one)
+            }
+            Workload::ReportGuest => {
+                let ip_address = guest_address(plan.run_id, seq);
+                self.presence
+                    .report_guest(ReportGuestRequest { ip_address })
+                    .await
+                    .map_err(failed)?;
+                Ok(one)
+            }
+            Workload::ReportBatch | Workload::Populate => {
+                let size = u64::from(plan.batch_size);
+                let first = seq * size;
+                let end = match plan.workload {
+                    Workload::Populate => (first + size).min(plan.people),
+                    _ => first + size,
+                };
+                let usernames: Vec<String> = (first..end).map(|i| format!("{}-{i:08}", plan.prefix)).collect();
+                let names = usernames.len() as u64;
+                let request = ReportBatchRequest {
+                    usernames,
+                    ip_addresses: Vec::new(),
+                };
+                self.presence.report_batch(request).await.map_err(failed)?;
+                Ok(Answer { names, ..one })
+            }
+            Workload::List => {
+                let response = self
+                    .presence
+                    .list_online(ListOnlineRequest { limit: plan.limit })
+                    .await
+                    .map_err(failed)?
+                    .into_inner();
+                Ok(Answer {
+                    names: 0,
+                    user_count: response.user_count,
+                })
+            }
+        }
+    }
+}
+
+/// Calls until the schedule says stop, timing the calls it should.
+async fn run_worker(mut worker: Worker, schedule: Arc<Schedule>) -> Tally {
+    let mut tally = Tally::default();
+    loop {
+        let started = Instant::now();
+        let timed = started >= schedule.measure_from;
+        if !schedule.may_start(started, timed) {
+            return tally;
+        }
+        let seq = schedule.sequence.fetch_add(1, Ordering::Relaxed);
+        let outcome = worker.call(seq).await;
+        let done = Instant::now();
+        match outcome {
+            Ok(answer) if timed => {
+                let micros = u32::try_from(done.duration_since(started).as_micros()).unwrap_or(u32::MAX);
+                tally.latencies_us.push(micros);
+                tally.names += answer.names;
+                tally.user_count = tally.user_count.max(answer.user_count);
+            }
+            Ok(_) => {}
+            Err(code) => *tally.errors.entry(code).or_default() += 1,
+        }
+        if timed {
+            tally.requests += 1;
+            tally.last_done = Some(done);
+        }
+    }
+}
+
+/// A unique guest per call: even calls an IPv4 address, odd ones an IPv6
+/// address in `fd00::/8` (never IPv4-mapped, which would fold into IPv4).
+fn guest_address(run_id: u64, seq: u64) -> String {
+    if seq.is_multiple_of(2) {
+        Ipv4Addr::from((run_id as u32).wrapping_add((seq / 2) as u32)).to_string()
+    } else {
+        let bits = (0xfd_u128 << 120) | (u128::from(run_id >> 8) << 64) | u128::from(seq / 2);
+        Ipv6Addr::from(bits).to_string()
+    }
+}
+
+/// The one line of JSON a run prints.
+fn summary(args: &Args, total: &mut Tally, seconds: f64) -> String {
+    total.latencies_us.sort_unstable();
+    let per_sec = |n: u64| if seconds > 0.0 { n as f64 / seconds } else { 0.0 };
+    let plan_batch = if args.workload == Workload::Populate {
+        MAX_BATCH
+    } else {
+        args.batch_size
+    };
+    let mut line = String::new();
+    let _ = write!(
+        line,
+        "{{\"workload\":{},\"concurrency\":{},\"connections\":{},\"requests\":{},\"seconds\":{:.3},\"rps\":{:.1}",
+        json_string(args.workload.name()),
+        args.concurrency,
+        args.connections,
+        total.requests,
+        seconds,
+        per_sec(total.requests),
+    );
+    if args.workload.reports_names() {
+        let _ = write!(line, ",\"names_per_sec\":{:.1}", per_sec(total.names));
+    } else {
+        line.push_str(",\"names_per_sec\":null");
+    }
+    for (key, q) in [("p50_ms", 0.50), ("p99_ms", 0.99), ("p999_ms", 0.999)] {
+        match percentile(&total.latencies_us, q) {
+            Some(us) => {
+                let _ = write!(line, ",\"{key}\":{:.3}", f64::from(us) / 1000.0);
+            }
+            None => {
+                let _ = write!(line, ",\"{key}\":null");
+            }
+        }
+    }
+    match args.workload {
+        Workload::ReportBatch | Workload::Populate => {
+            let _ = write!(line, ",\"batch_size\":{plan_batch}");
+        }
+        Workload::ReportZipf => {
+            let _ = write!(line, ",\"names\":{},\"zipf_s\":{}", args.names, args.zipf_s);
+        }
+        Workload::List => {
+            let _ = write!(line, ",\"limit\":{},\"user_count\":{}", args.limit, total.user_count);
+        }
+        _ => {}
+    }
+    if args.workload == Workload::Populate {
+        let _ = write!(line, ",\"people\":{}", args.people);
+    }
+    line.push_str(",\"errors\":{");
+    for (i, (code, count)) in total.errors.iter().enumerate() {
+        let _ = write!(line, "{}{}:{count}", if i > 0 { "," } else { "" }, json_string(code));
+    }
+    line.push_str("}}");
+    line
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[u32], q: f64) -> Option<u32> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Polls Health/Check until SERVING or the deadline, and prints when.
+async fn wait_serving(args: &Args) -> ExitCode {
+    let service = args
+        .service
+        .clone()
+        .unwrap_or_else(|| "presence.v1.Presence".to_owned());
+    let started = Instant::now();
+    let deadline = started + args.duration.map_or(Duration::from_secs(10), |d| *d);
+    let mut polls = 0_u64;
+    let mut last_problem = String::from("not asked yet");
+    let mut client: Option<HealthClient<Channel>> = None;
+    let serving_at = loop {
+        if Instant::now() >= deadline {
+            break None;
+        }
+        polls += 1;
+        if client.is_none() {
+            match endpoint(args) {
+                Ok(endpoint) => match endpoint.connect().await {
+                    Ok(channel) => client = Some(HealthClient::new(channel)),
+                    Err(error) => last_problem = format!("connect: {error}"),
+                },
+                Err(error) => {
+                    eprintln!("presence-load: bad --target {}: {error}", args.target);
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        if let Some(health) = client.as_mut() {
+            let request = HealthCheckRequest {
+                service: service.clone(),
+            };
+            match health.check(request).await {
+                Ok(response) if response.get_ref().status == ServingStatus::Serving as i32 => {
+                    break Some(SystemTime::now());
+                }
+                Ok(response) => last_problem = format!("status {}", response.get_ref().status),
+                Err(status) => {
+                    last_problem = format!("{}: {}", code_name(status.code()), status.message());
+                    client = None;
+                }
+            }
+        }
+        tokio::time::sleep(WAIT_SERVING_POLL).await;
+    };
+    let unix_us = serving_at
+        .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+        .map_or("null".to_owned(), |since| since.as_micros().to_string());
+    println!(
+        "{{\"workload\":\"wait-serving\",\"service\":{},\"serving\":{},\"serving_at_unix_us\":{unix_us},\"polls\":{polls},\"seconds\":{:.3}}}",
+        json_string(&service),
+        serving_at.is_some(),
+        started.elapsed().as_secs_f64(),
+    );
+    if serving_at.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("presence-load: {service} not SERVING in time; last: {last_problem}");
+        ExitCode::FAILURE
+    }
+}
+
+fn failed(status: Status) -> &'static str {
+    code_name(status.code())
+}
+
+/// The canonical upper-case name of a gRPC code, as in `grpc-status` docs.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A JSON string literal (serde_json is only a dev-dependency).
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// SplitMix64: a tiny, fast, well-mixed generator, plenty for picking names
+/// (and no extra dependency).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1), from the top 53 bits.
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1_u64 << 53) as f64
+    }
+}
