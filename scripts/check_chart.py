@@ -54,6 +54,7 @@ READINESS_SERVICE = "presence.v1.Presence"  # SERVING only while Redis answers
 ENV_CONTRACT = {
     "PRESENCE_LISTEN",
     "PRESENCE_REDIS_URL",
+    "PRESENCE_REDIS_MODE",
     "PRESENCE_TICK_INTERVAL",
     "PRESENCE_KEY_PREFIX",
     "PRESENCE_METRICS_LISTEN",
@@ -231,6 +232,7 @@ BAD_VALUES = [
     ("tick interval below 100ms", ["--set", "config.tickInterval=50ms"], "100ms to 24h"),
     ("redis timeout above 60s", ["--set", "config.redisTimeout=2m"], "1ms to 60s"),
     ("unknown log format", ["--set", "config.logFormat=yaml"], "/config/logFormat"),
+    ("unknown Redis mode", ["--set", "redis.mode=sentinel"], "/redis/mode"),
     ("key prefix with a brace", ["--set", "config.keyPrefix=a{b}"], "/config/keyPrefix"),
     ("pool size above 1024", ["--set", "config.redisPoolSize=5000"], "/config/redisPoolSize"),
     (

@@ -8,6 +8,7 @@ use clap::{CommandFactory, Parser, ValueEnum};
 use redis::IntoConnectionInfo;
 
 use crate::keyspace::KeyPrefix;
+use crate::store::RedisMode;
 
 /// Who is online, over gRPC. With no arguments it serves on 0.0.0.0:50051
 /// with the in-memory store.
@@ -22,6 +23,11 @@ pub struct Settings {
     /// Unset: the in-memory store, for one process only.
     #[arg(long, env = "PRESENCE_REDIS_URL", hide_env_values = true, value_parser = keep_redis_url)]
     pub redis_url: Option<RedisUrl>,
+
+    /// `single`: one Redis (or a proxy). `cluster`: a Redis Cluster, with
+    /// the URL naming one of its nodes.
+    #[arg(long, env = "PRESENCE_REDIS_MODE", value_enum, default_value_t = RedisMode::Single)]
+    pub redis_mode: RedisMode,
 
     /// How often *current* becomes *old*: a name stays listed for one to
     /// two intervals after it was last seen (`2s`, `300s`, `5m`).
@@ -94,6 +100,7 @@ impl Settings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             redis_url: None,
+            redis_mode: RedisMode::Single,
             tick_interval: Duration::from_secs(300),
             key_prefix: KeyPrefix::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),

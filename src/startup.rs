@@ -47,6 +47,7 @@ impl Application {
         let store: Arc<dyn Store> = match &settings.redis_url {
             Some(url) => Arc::new(RepeatFilter::new(RedisStore::new(RedisStoreConfig {
                 url: url.expose().to_owned(),
+                mode: settings.redis_mode,
                 pool_size: settings.redis_pool_size,
                 timeout: settings.redis_timeout,
                 key_prefix: settings.key_prefix.clone(),

@@ -16,12 +16,13 @@ apt_install() {
 
 # redis-server for the tests; they start their own on a private socket.
 ensure_redis_server() {
-    if ! command -v redis-server >/dev/null; then
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
         echo "installing redis-server (Debian: redis-server redis-tools)"
         apt_install redis-server redis-tools
     fi
-    export REDIS_SERVER
+    export REDIS_SERVER REDIS_CLI
     REDIS_SERVER="$(command -v redis-server)"
+    REDIS_CLI="$(command -v redis-cli)"
 }
 
 # A Python venv of the project's own tools, outside the repo.

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use self::connection::RedisMode;
 pub use self::memory::MemoryStore;
 pub use self::recent::RepeatFilter;
 pub use self::redis::{RedisStore, RedisStoreConfig};

@@ -1,11 +1,10 @@
 use std::{future::Future, time::Duration};
 
 use async_trait::async_trait;
-use bb8_redis::{RedisConnectionManager, bb8};
-use redis::{IntoConnectionInfo, Script, aio::MultiplexedConnection};
+use redis::{IntoConnectionInfo, Script};
 use tokio::time::{Instant, timeout_at};
 
-use super::connection::{BrokenFlag, TrackedManager};
+use super::connection::{Connections, RedisConnection, RedisMode};
 use super::{KindRotation, Rotation, Store, StoreError, merge_sorted};
 use crate::domain::{ListLimit, Online, OnlineList, Visitors};
 use crate::keyspace::{self, KeyPrefix, Keyspace, Kind, KindKeys};
@@ -15,6 +14,7 @@ use crate::keyspace::{self, KeyPrefix, Keyspace, Kind, KindKeys};
 pub struct RedisStoreConfig {
     /// `redis://[user:password@]host:port[/db]` or `unix:///path/to/socket`.
     pub url: String,
+    pub mode: RedisMode,
     /// Connections in the pool. Each is multiplexed: many calls share it.
     pub pool_size: u32,
     /// The longest any one store call may take, connecting included.
@@ -22,17 +22,14 @@ pub struct RedisStoreConfig {
     pub key_prefix: KeyPrefix,
 }
 
-/// The Redis store: the two-set algorithm on a `bb8-redis` pool.
+/// The Redis store: the two-set algorithm, on a single Redis through a
+/// `bb8-redis` pool or on a Redis Cluster.
 ///
-/// Each call checks a multiplexed connection out of the pool, clones it and
-/// gives the pooled one back at once: the clone pipelines the call with
-/// every other on that connection instead of holding the connection for a
-/// whole round trip. A call that sees its connection fail marks it broken,
-/// and the pool replaces it (see [`TrackedManager`]): that is how the store
-/// recovers by itself after Redis restarts.
+/// Every call is bounded by the timeout. A call that sees its connection
+/// fail or hang marks it broken, and it is replaced (see [`Connections`]):
+/// that is how the store recovers by itself after Redis restarts.
 pub struct RedisStore {
-    pool: bb8::Pool<TrackedManager>,
-    pool_size: u32,
+    connections: Connections,
     keys: Keyspace,
     timeout: Duration,
     report_script: Script,
@@ -48,18 +45,11 @@ impl RedisStore {
     /// Builds the store without connecting: the service starts, and reports
     /// itself not ready, even while Redis is down.
     pub fn new(config: RedisStoreConfig) -> Result<Self, redis::RedisError> {
-        let info = config.url.as_str().into_connection_info()?;
-        let address = info.addr().to_string();
-        let manager = RedisConnectionManager::new(info)?;
-        let pool = bb8::Pool::builder()
-            .max_size(config.pool_size)
-            .connection_timeout(config.timeout)
-            .test_on_check_out(false)
-            .build_unchecked(TrackedManager(manager));
+        let address = config.url.as_str().into_connection_info()?.addr().to_string();
+        let connections = Connections::new(&config.url, config.mode, config.pool_size, config.timeout)?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "presence".to_owned());
         Ok(Self {
-            pool,
-            pool_size: config.pool_size,
+            connections,
             keys: Keyspace::new(&config.key_prefix),
             timeout: config.timeout,
             report_script: Script::new(keyspace::REPORT_SCRIPT),
@@ -70,42 +60,28 @@ impl RedisStore {
         })
     }
 
-    /// A connection that has not been seen to fail. A broken one is dropped
-    /// as its pool guard goes, and the pool connects a new one in its place.
-    async fn checkout(&self) -> Result<(MultiplexedConnection, BrokenFlag), StoreError> {
-        for _ in 0..=self.pool_size {
-            let pooled = self.pool.get().await.map_err(|e| match e {
-                bb8::RunError::User(e) => StoreError::Redis(e),
-                bb8::RunError::TimedOut => StoreError::Pool("timed out connecting".to_owned()),
-            })?;
-            if !pooled.broken.is_set() {
-                return Ok((pooled.connection.clone(), pooled.broken.clone()));
-            }
-        }
-        Err(StoreError::Pool("every pooled connection is broken".to_owned()))
-    }
-
     /// Runs one store operation on a connection, within the time bound. A
     /// connection that failed or hung is marked broken, so the next call
     /// gets a fresh one.
     async fn bounded<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
         let deadline = Instant::now() + self.timeout;
         let timed_out = || StoreError::Timeout(self.timeout);
-        let (connection, broken) = timeout_at(deadline, self.checkout()).await.map_err(|_| timed_out())??;
+        let checkout = timeout_at(deadline, self.connections.checkout()).await;
+        let (connection, checkout) = checkout.map_err(|_| timed_out())??;
         match timeout_at(deadline, operation(connection)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => {
                 if error.breaks_connection() {
-                    broken.mark();
+                    self.connections.mark_broken(&checkout);
                 }
                 Err(error)
             }
             Err(_) => {
-                broken.mark();
+                self.connections.mark_broken(&checkout);
                 Err(timed_out())
             }
         }
@@ -113,7 +89,7 @@ impl RedisStore {
 
     async fn report_kind(
         &self,
-        mut connection: MultiplexedConnection,
+        mut connection: RedisConnection,
         keys: &KindKeys,
         names: &[&str],
     ) -> Result<(), StoreError> {
@@ -131,7 +107,7 @@ impl RedisStore {
 
     async fn list_kind(
         &self,
-        mut connection: MultiplexedConnection,
+        mut connection: RedisConnection,
         kind: Kind,
         limit: ListLimit,
     ) -> Result<OnlineList, StoreError> {
@@ -151,7 +127,7 @@ impl RedisStore {
 
     async fn rotate_kind(
         &self,
-        mut connection: MultiplexedConnection,
+        mut connection: RedisConnection,
         kind: Kind,
         interval: Duration,
     ) -> Result<(bool, Duration), StoreError> {
@@ -216,6 +192,9 @@ impl Store for RedisStore {
     }
 
     fn describe(&self) -> String {
-        format!("Redis at {}", self.address)
+        match self.connections {
+            Connections::Pool { .. } => format!("Redis at {}", self.address),
+            Connections::Cluster { .. } => format!("Redis Cluster at {} (seed node)", self.address),
+        }
     }
 }

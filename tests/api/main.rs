@@ -3,10 +3,12 @@
 //! one module per surface.
 
 mod backends;
+mod cluster;
 mod helpers;
 mod observability;
 mod outage;
 mod process;
+mod redis_cluster;
 mod redis_server;
 mod reflection;
 mod replicas;
