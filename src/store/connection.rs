@@ -74,7 +74,8 @@ pub enum Connections {
     /// The cluster connection already multiplexes to every node, so one is
     /// kept, made on first use and remade after it fails.
     Cluster {
-        client: ClusterClient,
+        // Boxed: the client is large, and this enum is otherwise small.
+        client: Box<ClusterClient>,
         connection: Mutex<Option<ClusterConnection>>,
     },
 }
@@ -100,10 +101,12 @@ impl Connections {
                 size: pool_size,
             },
             RedisMode::Cluster => Connections::Cluster {
-                client: ClusterClient::builder([info])
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .build()?,
+                client: Box::new(
+                    ClusterClient::builder([info])
+                        .connection_timeout(timeout)
+                        .response_timeout(timeout)
+                        .build()?,
+                ),
                 connection: Mutex::new(None),
             },
         })
