@@ -13,7 +13,7 @@ use tonic_health::ServingStatus;
 use crate::proto::{self, v1::presence_server::PresenceServer};
 use crate::service::PresenceService;
 use crate::settings::Settings;
-use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, RepeatFilter, Store};
+use crate::store::{Coalescing, MemoryStore, RedisStore, RedisStoreConfig, RepeatFilter, Store};
 use crate::{backend_health, metrics, metrics::Metrics, tick};
 
 /// The running service: the gRPC server with health and reflection, the
@@ -45,13 +45,21 @@ impl Application {
     /// Redis: the service starts, not ready, while Redis is down.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let store: Arc<dyn Store> = match &settings.redis_url {
-            Some(url) => Arc::new(RepeatFilter::new(RedisStore::new(RedisStoreConfig {
-                url: url.expose().to_owned(),
-                mode: settings.redis_mode,
-                pool_size: settings.redis_pool_size,
-                timeout: settings.redis_timeout,
-                key_prefix: settings.key_prefix.clone(),
-            })?)),
+            Some(url) => {
+                let redis = RedisStore::new(RedisStoreConfig {
+                    url: url.expose().to_owned(),
+                    mode: settings.redis_mode,
+                    pool_size: settings.redis_pool_size,
+                    timeout: settings.redis_timeout,
+                    key_prefix: settings.key_prefix.clone(),
+                })?;
+                let in_flight = usize::try_from(settings.redis_pool_size).unwrap_or(1);
+                Arc::new(RepeatFilter::new(Coalescing::new(
+                    redis,
+                    in_flight,
+                    settings.redis_timeout,
+                )))
+            }
             None => Arc::new(MemoryStore::new()),
         };
         Self::with_store(settings, store).await

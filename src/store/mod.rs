@@ -6,6 +6,8 @@
 //!   newcomer can run the service at once. It lives in one process: replicas
 //!   do not share it.
 //!
+//! - [`Coalescing`]: in front of Redis, sends the reports of concurrent
+//!   callers together, in one script call.
 //! - [`RepeatFilter`]: in front of Redis, skips reports that cannot change
 //!   anything (a name already put into *current* since the last rotation).
 //!
@@ -13,6 +15,7 @@
 //! under a lease of one interval; one shared test suite (`tests/store.rs`)
 //! holds them to the same behaviour.
 
+mod coalesce;
 mod connection;
 mod memory;
 mod recent;
@@ -22,6 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use self::coalesce::Coalescing;
 pub use self::connection::RedisMode;
 pub use self::memory::MemoryStore;
 pub use self::recent::RepeatFilter;
@@ -80,6 +84,9 @@ pub enum StoreError {
     Pool(String),
     #[error("Redis failed: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// One failure seen by every report that shared the failed call.
+    #[error(transparent)]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 impl StoreError {
@@ -89,6 +96,8 @@ impl StoreError {
         match self {
             StoreError::Timeout(_) | StoreError::Pool(_) => true,
             StoreError::Redis(e) => e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error(),
+            // Whoever made the shared call has dealt with its connection.
+            StoreError::Shared(_) => false,
         }
     }
 }
