@@ -5,9 +5,8 @@
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::proto::{self, v1::presence_server::PresenceServer};
@@ -15,6 +14,10 @@ use crate::service::PresenceService;
 use crate::settings::Settings;
 use crate::store::{Coalescing, MemoryStore, RedisStore, RedisStoreConfig, RepeatFilter, Store};
 use crate::{backend_health, metrics, metrics::Metrics, tick};
+
+/// Probes idle client connections, so that the sockets of clients that
+/// vanished without closing (a crashed node, a dropped NAT entry) are freed.
+const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The running service: the gRPC server with health and reflection, the
 /// tick, the backend health follower and the metrics endpoint.
@@ -121,14 +124,19 @@ impl Application {
             background.clone().cancelled_owned(),
         ));
 
+        // Nagle's algorithm would hold small responses back until the
+        // client's delayed ACK, 40 ms later. (Server::tcp_nodelay does not
+        // apply to a listener bound by the caller; this does.)
+        let incoming = TcpIncoming::from(grpc_listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(TCP_KEEPALIVE));
         let drain = CancellationToken::new();
         let server = Server::builder()
-            .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(PresenceServer::new(PresenceService::new(store.clone(), metrics)))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), drain.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(incoming, drain.clone().cancelled_owned());
         tokio::pin!(server);
 
         tracing::info!(

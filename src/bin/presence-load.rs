@@ -173,11 +173,12 @@ async fn main() -> ExitCode {
     let channels = match connect(&args).await {
         Ok(channels) => channels,
         Err(error) => {
+            let error = chain(&error);
             eprintln!("presence-load: cannot connect to {}: {error}", args.target);
             println!(
                 "{{\"workload\":{},\"error\":{}}}",
                 json_string(args.workload.name()),
-                json_string(&error.to_string())
+                json_string(&error)
             );
             return ExitCode::FAILURE;
         }
@@ -596,7 +597,7 @@ async fn wait_serving(args: &Args) -> ExitCode {
             match endpoint(args) {
                 Ok(endpoint) => match endpoint.connect().await {
                     Ok(channel) => client = Some(HealthClient::new(channel)),
-                    Err(error) => last_problem = format!("connect: {error}"),
+                    Err(error) => last_problem = format!("connect: {}", chain(&error)),
                 },
                 Err(error) => {
                     eprintln!("presence-load: bad --target {}: {error}", args.target);
@@ -663,6 +664,22 @@ fn code_name(code: Code) -> &'static str {
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
+}
+
+/// An error with its causes, `transport error: tcp connect error: Connection
+/// refused`: tonic's own text names only the outermost.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        // Some layers repeat their cause in their own text already.
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            let _ = write!(text, ": {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// A JSON string literal (serde_json is only a dev-dependency).
