@@ -14,8 +14,10 @@ use super::{Rotation, Store, StoreError};
 use crate::domain::{ListLimit, Online, Visitors};
 use crate::keyspace::Kind;
 
-/// The most names remembered per kind. A name past it is simply reported
-/// every time; the bound keeps memory flat however many people are online.
+/// The most names remembered per kind; the bound keeps memory flat however
+/// many people are online. When it is reached the filter starts over: the
+/// names that are reported often are back after their next report, while
+/// names seen once (the many that filled it) are gone.
 pub const REMEMBERED_PER_KIND: usize = 1 << 17;
 
 /// Skips the Redis work of reports that cannot change anything.
@@ -135,7 +137,7 @@ impl<S: Store> RepeatFilter<S> {
         }
         for name in names {
             if remembered.names.len() >= REMEMBERED_PER_KIND {
-                break;
+                remembered.names.clear();
             }
             remembered.names.insert(name.as_ref().to_owned());
         }
@@ -276,6 +278,18 @@ mod tests {
         let rotation = filter.rotate_if_due(T).await.expect("answers");
         assert!(rotation.kinds.iter().all(|k| !k.rotated));
         report(&filter, "ada").await;
+        assert_eq!(filter.skipped(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_full_it_starts_over_so_new_regulars_are_remembered() {
+        let filter = RepeatFilter::new(MemoryStore::new());
+        filter.rotate_if_due(T).await.expect("rotates");
+        for i in 0..REMEMBERED_PER_KIND {
+            report(&filter, &format!("once{i}")).await;
+        }
+        report(&filter, "regular").await;
+        report(&filter, "regular").await;
         assert_eq!(filter.skipped(), 1);
     }
 
