@@ -4,26 +4,19 @@
 use std::time::Duration;
 
 use presence::store::RedisMode;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::backends::assert_listed_for_one_interval_then_gone;
-use crate::helpers::{settings, spawn_app};
+use crate::helpers::{settings, spawn_replicas};
 use crate::redis_cluster::RedisCluster;
 
 #[tokio::test]
 async fn on_a_redis_cluster_reports_lists_and_ticks_keep_the_contract() {
     let cluster = RedisCluster::start();
     let interval = Duration::from_millis(1500);
-    let mut apps = Vec::new();
-    for _ in 0..2 {
-        let mut settings = settings(Some(cluster.seed_url()));
-        settings.redis_mode = RedisMode::Cluster;
-        settings.tick_interval = interval;
-        let app = spawn_app(settings).await;
-        app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
-            .await;
-        apps.push(app);
-    }
+    let mut settings = settings(Some(cluster.seed_url()));
+    settings.redis_mode = RedisMode::Cluster;
+    settings.tick_interval = interval;
+    let apps = spawn_replicas(2, settings).await;
 
     for name in ["carol", "alice", "bob"] {
         apps[0].report_user(name).await.expect("report accepted");

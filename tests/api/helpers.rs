@@ -149,6 +149,19 @@ impl Drop for TestApp {
     }
 }
 
+/// `count` services with the same settings (replicas sharing one Redis),
+/// each ready: SERVING for `presence.v1.Presence`.
+pub async fn spawn_replicas(count: usize, settings: Settings) -> Vec<TestApp> {
+    let mut apps = Vec::with_capacity(count);
+    for _ in 0..count {
+        let app = spawn_app(settings.clone()).await;
+        app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
+            .await;
+        apps.push(app);
+    }
+    apps
+}
+
 /// Polls `check` until it gives `Some`, failing the test after `within`.
 pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
 where

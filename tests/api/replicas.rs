@@ -4,10 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use tonic_health::pb::health_check_response::ServingStatus;
-
 use crate::backends::assert_listed_for_one_interval_then_gone;
-use crate::helpers::{TestApp, settings, spawn_app};
+use crate::helpers::{TestApp, settings, spawn_app, spawn_replicas};
 use crate::redis_server::RedisServer;
 
 fn rotations(metrics: &str, kind: &str) -> u64 {
@@ -23,15 +21,9 @@ async fn three_servers_on_one_redis_keep_a_name_listed_for_one_interval() {
     let interval = Duration::from_millis(1500);
     let redis = RedisServer::start();
     let started = Instant::now();
-    let mut apps = Vec::new();
-    for _ in 0..3 {
-        let mut settings = settings(Some(redis.url()));
-        settings.tick_interval = interval;
-        let app = spawn_app(settings).await;
-        app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
-            .await;
-        apps.push(app);
-    }
+    let mut settings = settings(Some(redis.url()));
+    settings.tick_interval = interval;
+    let apps = spawn_replicas(3, settings).await;
     let apps: Vec<&TestApp> = apps.iter().collect();
 
     // Three rounds, each starting where the last ended, so the report falls
@@ -93,15 +85,9 @@ async fn replicas_with_different_prefixes_do_not_share_presence() {
 async fn a_name_reported_again_and_again_through_three_replicas_stays_listed_one_interval_after_the_last() {
     let interval = Duration::from_millis(1500);
     let redis = RedisServer::start();
-    let mut apps = Vec::new();
-    for _ in 0..3 {
-        let mut settings = settings(Some(redis.url()));
-        settings.tick_interval = interval;
-        let app = spawn_app(settings).await;
-        app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
-            .await;
-        apps.push(app);
-    }
+    let mut settings = settings(Some(redis.url()));
+    settings.tick_interval = interval;
+    let apps = spawn_replicas(3, settings).await;
 
     // Repeat reports through every replica across at least two rotations,
     // checking after each that the name is listed.
