@@ -22,13 +22,15 @@ FROM rust:1.95.0-slim-bookworm AS build
 WORKDIR /src
 
 # 1. Dependency layer. Only the manifests, the build script and the protos go
-#    in first, with a stub main.rs: this layer (every crate in Cargo.lock,
+#    in first, with a stub main.rs and lib.rs (Cargo.toml has a [lib]
+#    section, so cargo wants the file): this layer (every crate in Cargo.lock,
 #    compiled) is reused for as long as those files do not change, so editing
 #    src/ rebuilds only the presence crate itself.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs \
     && cargo build --release --locked --bin presence \
     && rm -rf src
 
