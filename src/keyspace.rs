@@ -185,11 +185,16 @@ return {
 /// `KEYS`: current, old, rotation lease. `ARGV`: interval in milliseconds,
 /// the caller's name (kept in the lease for operators to see).
 /// Returns `{1, interval}` if it rotated, else `{0, ms until the lease ends}`.
+/// A lease found without an expiry is given one, so it cannot block the
+/// rotation forever.
 pub const ROTATE_SCRIPT: &str = r#"
 local interval = tonumber(ARGV[1])
 if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', interval) then
   local remaining = redis.call('PTTL', KEYS[3])
   if remaining < 0 then
+    -- A lease without an expiry (set by hand?) would stop the rotation
+    -- for good: give it one.
+    redis.call('PEXPIRE', KEYS[3], interval)
     remaining = interval
   end
   return {0, remaining}
