@@ -16,15 +16,25 @@ pub struct RedisCluster {
 }
 
 /// A port that is free, and whose cluster bus port (+10000) is free too.
-fn free_port_pair() -> u16 {
-    for _ in 0..100 {
-        let Ok(listener) = TcpListener::bind("127.0.0.1:0") else {
-            continue;
+/// Both are chosen below the kernel's ephemeral range (from 32768 here), so
+/// no outgoing connection can be handed one of them between this check and
+/// redis-server binding it.
+fn free_port_pair(taken: &[u16]) -> u16 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut candidate = 10_000 + (seed % 12_000) as u16 + (std::process::id() % 700) as u16;
+    for _ in 0..1000 {
+        candidate = if candidate >= 22_700 { 10_000 } else { candidate + 1 };
+        let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let unused = |port: u16| {
+            !taken
+                .iter()
+                .any(|&t| t == port || t + 10_000 == port || t == port + 10_000)
         };
-        let Ok(address) = listener.local_addr() else { continue };
-        let port = address.port();
-        if port <= 55535 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
-            return port;
+        if unused(candidate) && free(candidate) && free(candidate + 10_000) {
+            return candidate;
         }
     }
     panic!("no free pair of loopback ports for a cluster node");
@@ -40,7 +50,7 @@ impl RedisCluster {
             _dir: dir,
         };
         for _ in 0..3 {
-            let port = free_port_pair();
+            let port = free_port_pair(&cluster.ports);
             let config = cluster._dir.path().join(format!("nodes-{port}.conf"));
             let child = Command::new(&program)
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
