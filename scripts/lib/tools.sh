@@ -14,12 +14,20 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
+# ensure_command COMMAND PACKAGE...: installs the Debian packages if COMMAND
+# is missing.
+ensure_command() {
+    local command=$1
+    shift
+    command -v "$command" >/dev/null && return 0
+    echo "installing $* (Debian), for $command"
+    apt_install "$@"
+}
+
 # redis-server for the tests; they start their own on a private socket.
 ensure_redis_server() {
-    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-        echo "installing redis-server (Debian: redis-server redis-tools)"
-        apt_install redis-server redis-tools
-    fi
+    ensure_command redis-server redis-server redis-tools
+    ensure_command redis-cli redis-tools
     export REDIS_SERVER REDIS_CLI
     REDIS_SERVER="$(command -v redis-server)"
     REDIS_CLI="$(command -v redis-cli)"

@@ -97,14 +97,16 @@ impl Waiting {
 fn send<S: Store>(inner: Arc<S>, batch: Vec<Waiting>, slot: tokio::sync::OwnedSemaphorePermit) {
     tokio::spawn(async move {
         let mut merged = Visitors::default();
-        for waiting in &batch {
-            merged.users.extend(waiting.visitors.users.iter().cloned());
-            merged.guests.extend(waiting.visitors.guests.iter().cloned());
+        let mut callers = Vec::with_capacity(batch.len());
+        for mut waiting in batch {
+            merged.users.append(&mut waiting.visitors.users);
+            merged.guests.append(&mut waiting.visitors.guests);
+            callers.push(waiting.done);
         }
         let outcome = inner.report(&merged).await.map_err(Arc::new);
         drop(slot);
-        for waiting in batch {
-            let _ = waiting.done.send(outcome.clone());
+        for caller in callers {
+            let _ = caller.send(outcome.clone());
         }
     });
 }
@@ -118,14 +120,11 @@ impl<S: Store> Store for Coalescing<S> {
             done,
         };
         let call = async {
-            self.queue
-                .send(waiting)
-                .await
-                .map_err(|_| StoreError::Pool("coalescer stopped".to_owned()))?;
+            self.queue.send(waiting).await.map_err(|_| StoreError::QueueClosed)?;
             match outcome.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(shared)) => Err(StoreError::Shared(shared)),
-                Err(_) => Err(StoreError::Pool("coalesced call dropped".to_owned())),
+                Err(_) => Err(StoreError::QueueClosed),
             }
         };
         tokio::time::timeout(self.timeout, call)

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bb8_redis::{RedisConnectionManager, bb8, bb8::ManageConnection};
 use redis::{
-    Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value,
+    Cmd, ConnectionInfo, Pipeline, RedisError, RedisFuture, Value,
     aio::{ConnectionLike, MultiplexedConnection},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
@@ -89,8 +89,7 @@ pub enum Checkout {
 impl Connections {
     /// Builds the source without connecting: the service starts, and says
     /// it is not ready, while Redis is down.
-    pub fn new(url: &str, mode: RedisMode, pool_size: u32, timeout: Duration) -> Result<Self, RedisError> {
-        let info = url.into_connection_info()?;
+    pub fn new(info: ConnectionInfo, mode: RedisMode, pool_size: u32, timeout: Duration) -> Result<Self, RedisError> {
         Ok(match mode {
             RedisMode::Single => Connections::Pool {
                 pool: bb8::Pool::builder()

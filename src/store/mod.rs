@@ -84,6 +84,9 @@ pub enum StoreError {
     Pool(String),
     #[error("Redis failed: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// The coalescer's dispatcher is gone (only while shutting down).
+    #[error("the report queue is closed")]
+    QueueClosed,
     /// One failure seen by every report that shared the failed call.
     #[error(transparent)]
     Shared(std::sync::Arc<StoreError>),
@@ -97,7 +100,7 @@ impl StoreError {
             StoreError::Timeout(_) | StoreError::Pool(_) => true,
             StoreError::Redis(e) => e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error(),
             // Whoever made the shared call has dealt with its connection.
-            StoreError::Shared(_) => false,
+            StoreError::Shared(_) | StoreError::QueueClosed => false,
         }
     }
 }

@@ -7,7 +7,7 @@ use tokio::time::{Instant, timeout_at};
 use super::connection::{Connections, RedisConnection, RedisMode};
 use super::{KindRotation, Rotation, Store, StoreError, merge_sorted};
 use crate::domain::{ListLimit, Online, OnlineList, Visitors};
-use crate::keyspace::{self, KeyPrefix, Keyspace, Kind, KindKeys};
+use crate::keyspace::{self, KeyPrefix, Keyspace, Kind};
 
 /// What a [`RedisStore`] needs to know.
 #[derive(Debug, Clone)]
@@ -45,8 +45,9 @@ impl RedisStore {
     /// Builds the store without connecting: the service starts, and reports
     /// itself not ready, even while Redis is down.
     pub fn new(config: RedisStoreConfig) -> Result<Self, redis::RedisError> {
-        let address = config.url.as_str().into_connection_info()?.addr().to_string();
-        let connections = Connections::new(&config.url, config.mode, config.pool_size, config.timeout)?;
+        let info = config.url.as_str().into_connection_info()?;
+        let address = info.addr().to_string();
+        let connections = Connections::new(info, config.mode, config.pool_size, config.timeout)?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "presence".to_owned());
         Ok(Self {
             connections,
@@ -87,15 +88,11 @@ impl RedisStore {
         }
     }
 
-    async fn report_kind(
-        &self,
-        mut connection: RedisConnection,
-        keys: &KindKeys,
-        names: &[&str],
-    ) -> Result<(), StoreError> {
+    async fn report_kind(&self, mut connection: RedisConnection, kind: Kind, names: &[&str]) -> Result<(), StoreError> {
         if names.is_empty() {
             return Ok(());
         }
+        let keys = self.keys.of(kind);
         self.report_script
             .key(&keys.current)
             .key(&keys.old)
@@ -130,7 +127,7 @@ impl RedisStore {
         mut connection: RedisConnection,
         kind: Kind,
         interval: Duration,
-    ) -> Result<(bool, Duration), StoreError> {
+    ) -> Result<KindRotation, StoreError> {
         let keys = self.keys.of(kind);
         let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
         let (rotated, next_due_ms): (i64, i64) = self
@@ -142,8 +139,11 @@ impl RedisStore {
             .arg(&self.lease_holder)
             .invoke_async(&mut connection)
             .await?;
-        let next_due = Duration::from_millis(u64::try_from(next_due_ms).unwrap_or(interval_ms));
-        Ok((rotated == 1, next_due))
+        Ok(KindRotation {
+            kind,
+            rotated: rotated == 1,
+            next_due_in: Duration::from_millis(u64::try_from(next_due_ms).unwrap_or(interval_ms)),
+        })
     }
 }
 
@@ -156,8 +156,8 @@ impl Store for RedisStore {
             // The two kinds live in different cluster slots, so they are two
             // scripts; both go out at once on the multiplexed connection.
             tokio::try_join!(
-                self.report_kind(connection.clone(), self.keys.of(Kind::Users), &users),
-                self.report_kind(connection, self.keys.of(Kind::Guests), &guests),
+                self.report_kind(connection.clone(), Kind::Users, &users),
+                self.report_kind(connection, Kind::Guests, &guests),
             )?;
             Ok(())
         })
@@ -179,12 +179,7 @@ impl Store for RedisStore {
         self.bounded(|connection| async move {
             let mut kinds = Vec::with_capacity(Kind::ALL.len());
             for kind in Kind::ALL {
-                let (rotated, next_due_in) = self.rotate_kind(connection.clone(), kind, interval).await?;
-                kinds.push(KindRotation {
-                    kind,
-                    rotated,
-                    next_due_in,
-                });
+                kinds.push(self.rotate_kind(connection.clone(), kind, interval).await?);
             }
             Ok(Rotation { kinds })
         })

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use presence::proto::v1::ReportBatchRequest;
 use tonic::Code;
 
-use crate::helpers::{TestApp, eventually, settings, spawn_app, unique};
+use crate::helpers::{TestApp, eventually, settings, spawn_ready_app, unique};
 use crate::redis_server::RedisServer;
 
 #[derive(Clone, Copy, Debug)]
@@ -24,12 +24,7 @@ pub async fn start(backend: Backend, tick_interval: Duration) -> (TestApp, Optio
     };
     let mut settings = settings(redis.as_ref().map(RedisServer::url));
     settings.tick_interval = tick_interval;
-    let app = spawn_app(settings).await;
-    app.wait_for_health(
-        "presence.v1.Presence",
-        tonic_health::pb::health_check_response::ServingStatus::Serving,
-    )
-    .await;
+    let app = spawn_ready_app(settings).await;
     (app, redis)
 }
 

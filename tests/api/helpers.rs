@@ -149,15 +149,20 @@ impl Drop for TestApp {
     }
 }
 
-/// `count` services with the same settings (replicas sharing one Redis),
-/// each ready: SERVING for `presence.v1.Presence`.
+/// A service that is ready: SERVING for `presence.v1.Presence`.
+pub async fn spawn_ready_app(settings: Settings) -> TestApp {
+    let app = spawn_app(settings).await;
+    app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
+        .await;
+    app
+}
+
+/// `count` ready services with the same settings (replicas sharing one
+/// Redis).
 pub async fn spawn_replicas(count: usize, settings: Settings) -> Vec<TestApp> {
     let mut apps = Vec::with_capacity(count);
     for _ in 0..count {
-        let app = spawn_app(settings.clone()).await;
-        app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
-            .await;
-        apps.push(app);
+        apps.push(spawn_ready_app(settings.clone()).await);
     }
     apps
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::helpers::{TestApp, eventually, settings, spawn_app};
+use crate::helpers::{TestApp, eventually, settings, spawn_app, spawn_ready_app};
 use crate::redis_server::RedisServer;
 
 /// The promise to clients: a failing Redis is reported within this.
@@ -35,9 +35,7 @@ async fn assert_calls_fail_fast(app: &TestApp) {
 #[tokio::test]
 async fn killing_redis_gives_unavailable_in_bounded_time_and_a_restart_recovers() {
     let mut redis = RedisServer::start();
-    let app = spawn_app(settings(Some(redis.url()))).await;
-    app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
-        .await;
+    let app = spawn_ready_app(settings(Some(redis.url()))).await;
     app.report_user("before")
         .await
         .expect("report accepted while Redis is up");
@@ -85,9 +83,7 @@ async fn a_service_started_while_redis_is_down_serves_once_it_is_up() {
 #[tokio::test]
 async fn a_redis_that_hangs_gives_unavailable_in_bounded_time_and_recovers_when_it_answers() {
     let redis = RedisServer::start();
-    let app = spawn_app(settings(Some(redis.url()))).await;
-    app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
-        .await;
+    let app = spawn_ready_app(settings(Some(redis.url()))).await;
     app.report_user("before")
         .await
         .expect("report accepted while Redis answers");
@@ -115,9 +111,7 @@ async fn a_redis_that_hangs_gives_unavailable_in_bounded_time_and_recovers_when_
 #[tokio::test]
 async fn after_redis_restarts_empty_a_repeated_report_is_stored_again() {
     let mut redis = RedisServer::start();
-    let app = spawn_app(settings(Some(redis.url()))).await;
-    app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
-        .await;
+    let app = spawn_ready_app(settings(Some(redis.url()))).await;
     // Once the first tick has run, repeats are skipped.
     eventually("a repeat report to be remembered", Duration::from_secs(10), || async {
         app.report_user("regular").await.ok()?;

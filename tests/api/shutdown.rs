@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-use crate::helpers::{settings, spawn_app};
+use crate::helpers::{settings, spawn_ready_app};
 use crate::redis_server::RedisServer;
 
 #[tokio::test]
@@ -16,9 +16,7 @@ async fn on_shutdown_health_goes_not_serving_and_a_call_in_flight_still_complete
     // shutdown begins, short enough to bound the test.
     settings.redis_timeout = Duration::from_secs(10);
     settings.shutdown_grace = Duration::from_secs(10);
-    let mut app = spawn_app(settings).await;
-    app.wait_for_health("presence.v1.Presence", ServingStatus::Serving)
-        .await;
+    let mut app = spawn_ready_app(settings).await;
 
     let mut watch = app
         .health
