@@ -1,9 +1,15 @@
-//! The one place where failures become gRPC statuses.
+//! The one place where failures become gRPC statuses, and where a store
+//! outage is logged.
 //!
-//! Clients see what they can act on: which field was wrong, or that the
-//! backend is unavailable and a retry may work. What went wrong inside
-//! (Redis's own error text) goes to the log, never to the client.
+//! Clients see what they can act on: which field was wrong, that the
+//! service is overloaded or the store unavailable and a retry may work, or
+//! that their deadline passed. What went wrong inside (Redis's own error
+//! text) goes to the log, never to the client; and the log gets one warning
+//! when an outage starts and one line when it ends, not a line per call.
 
+use std::sync::{Arc, Mutex};
+
+use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use crate::store::StoreError;
@@ -15,7 +21,26 @@ pub enum ApiError {
     InvalidArgument(String),
     /// The store could not answer in time.
     #[error(transparent)]
-    Unavailable(#[from] StoreError),
+    Unavailable(StoreError),
+    /// Refused at once: more work is waiting than the store can take.
+    #[error("overloaded")]
+    Overloaded,
+    /// The caller's deadline passed.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// The server is shutting down (streams end with this).
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Overloaded | StoreError::Expired => ApiError::Overloaded,
+            StoreError::Shared(shared) if !shared.is_backend_failure() => ApiError::Overloaded,
+            other => ApiError::Unavailable(other),
+        }
+    }
 }
 
 impl ApiError {
@@ -27,7 +52,8 @@ impl ApiError {
     pub fn code(&self) -> Code {
         match self {
             ApiError::InvalidArgument(_) => Code::InvalidArgument,
-            ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::Unavailable(_) | ApiError::Overloaded | ApiError::ShuttingDown => Code::Unavailable,
+            ApiError::DeadlineExceeded => Code::DeadlineExceeded,
         }
     }
 }
@@ -36,12 +62,55 @@ impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         match error {
             ApiError::InvalidArgument(message) => Status::invalid_argument(message),
-            ApiError::Unavailable(cause) => {
-                tracing::warn!(error = %cause, "presence store unavailable");
-                Status::unavailable("presence store unavailable; retry later")
+            ApiError::Unavailable(_) => Status::unavailable("presence store unavailable; retry later"),
+            ApiError::Overloaded => Status::unavailable("overloaded; retry later"),
+            ApiError::DeadlineExceeded => Status::deadline_exceeded("deadline exceeded"),
+            ApiError::ShuttingDown => Status::unavailable("shutting down; reconnect"),
+        }
+    }
+}
+
+/// Turns a stream of store outcomes into two log lines per outage: a
+/// warning when the store first fails, and a summary when it answers again.
+#[derive(Clone, Default)]
+pub struct OutageLog {
+    state: Arc<Mutex<Option<Outage>>>,
+}
+
+struct Outage {
+    since: Instant,
+    failures: u64,
+}
+
+impl OutageLog {
+    pub fn failed(&self, what: &str, error: &StoreError) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match state.as_mut() {
+            Some(outage) => outage.failures += 1,
+            None => {
+                tracing::warn!(%error, during = what, "presence store unavailable; calls fail with UNAVAILABLE until it is back");
+                *state = Some(Outage {
+                    since: Instant::now(),
+                    failures: 1,
+                });
             }
         }
     }
+
+    pub fn answered(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(outage) = state.take() {
+            tracing::info!(
+                lasted = %humantime::format_duration(round_ms(outage.since.elapsed())),
+                failed_calls = outage.failures,
+                "presence store answers again"
+            );
+        }
+    }
+}
+
+fn round_ms(duration: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_millis(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -63,5 +132,12 @@ mod tests {
         assert!(!status.message().contains("secret-host"));
         let status = Status::from(ApiError::from(StoreError::Timeout(Duration::from_millis(5))));
         assert_eq!(status.code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn a_full_queue_says_overloaded() {
+        let status = Status::from(ApiError::from(StoreError::Overloaded));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("overloaded"));
     }
 }

@@ -25,9 +25,15 @@ pub struct Settings {
     pub redis_url: Option<RedisUrl>,
 
     /// `single`: one Redis (or a proxy). `cluster`: a Redis Cluster, with
-    /// the URL naming one of its nodes.
+    /// the URL naming one of its nodes. `sentinel`: a master watched by
+    /// Redis Sentinel, with the URL naming one of the sentinels (user,
+    /// password and db are the master's).
     #[arg(long, env = "PRESENCE_REDIS_MODE", value_enum, default_value_t = RedisMode::Single)]
     pub redis_mode: RedisMode,
+
+    /// Sentinel mode: the name of the master the sentinels watch.
+    #[arg(long, env = "PRESENCE_REDIS_SENTINEL_MASTER", default_value = "mymaster")]
+    pub redis_sentinel_master: String,
 
     /// How often *current* becomes *old*: a name stays listed for one to
     /// two intervals after it was last seen (`2s`, `300s`, `5m`).
@@ -52,6 +58,35 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_REDIS_TIMEOUT", default_value = "500ms", value_parser = parse_redis_timeout)]
     pub redis_timeout: Duration,
 
+    /// How precisely last seen is kept: a user's repeated reports within it
+    /// may skip the Redis write.
+    #[arg(long, env = "PRESENCE_LAST_SEEN_PRECISION", default_value = "1m", value_parser = parse_last_seen_precision)]
+    pub last_seen_precision: Duration,
+
+    /// How long a user's last seen is kept; `0` turns last seen off (and
+    /// all its cost).
+    #[arg(long, env = "PRESENCE_LAST_SEEN_RETENTION", default_value = "7d", value_parser = parse_last_seen_retention)]
+    pub last_seen_retention: Duration,
+
+    /// How often a WatchOnline stream gets the changes, at most.
+    #[arg(long, env = "PRESENCE_WATCH_INTERVAL", default_value = "1s", value_parser = parse_watch_interval)]
+    pub watch_interval: Duration,
+
+    /// The most calls in flight on one HTTP/2 connection.
+    #[arg(long, env = "PRESENCE_MAX_CONCURRENT_STREAMS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_concurrent_streams: u32,
+
+    /// After this, a client connection is sent GOAWAY, so clients reconnect
+    /// and spread over new replicas (gRPC's MaxConnectionAge).
+    #[arg(long, env = "PRESENCE_MAX_CONNECTION_AGE", default_value = "10m", value_parser = parse_connection_age)]
+    pub max_connection_age: Duration,
+
+    /// How long calls on an aged connection may take to finish before it
+    /// is closed (gRPC's MaxConnectionAgeGrace).
+    #[arg(long, env = "PRESENCE_MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_shutdown_grace)]
+    pub max_connection_age_grace: Duration,
+
     /// After SIGTERM or SIGINT, how long in-flight calls may take to finish.
     #[arg(long, env = "PRESENCE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_shutdown_grace)]
     pub shutdown_grace: Duration,
@@ -63,6 +98,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Last seen, if on: (precision, retention).
+    pub fn last_seen(&self) -> Option<(Duration, Duration)> {
+        (!self.last_seen_retention.is_zero()).then_some((self.last_seen_precision, self.last_seen_retention))
+    }
+
     /// Reads flags and environment; on a bad value, prints why and exits
     /// with status 2.
     pub fn from_env_and_args() -> Self {
@@ -101,11 +141,18 @@ impl Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             redis_url: None,
             redis_mode: RedisMode::Single,
+            redis_sentinel_master: "mymaster".to_owned(),
             tick_interval: Duration::from_secs(300),
             key_prefix: KeyPrefix::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             redis_pool_size: 4,
             redis_timeout: Duration::from_millis(500),
+            last_seen_precision: Duration::from_secs(60),
+            last_seen_retention: Duration::from_secs(7 * 24 * 3600),
+            watch_interval: Duration::from_secs(1),
+            max_concurrent_streams: 256,
+            max_connection_age: Duration::from_secs(600),
+            max_connection_age_grace: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
         }
@@ -166,6 +213,25 @@ fn parse_shutdown_grace(text: &str) -> Result<Duration, String> {
     parse_duration_between(text, Duration::ZERO, Duration::from_secs(3600))
 }
 
+fn parse_last_seen_precision(text: &str) -> Result<Duration, String> {
+    parse_duration_between(text, Duration::from_millis(1), Duration::from_secs(24 * 3600))
+}
+
+fn parse_last_seen_retention(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration_between(text, Duration::ZERO, Duration::from_secs(3650 * 24 * 3600))
+}
+
+fn parse_watch_interval(text: &str) -> Result<Duration, String> {
+    parse_duration_between(text, Duration::from_millis(10), Duration::from_secs(60))
+}
+
+fn parse_connection_age(text: &str) -> Result<Duration, String> {
+    parse_duration_between(text, Duration::from_secs(1), Duration::from_secs(30 * 24 * 3600))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +269,24 @@ mod tests {
     fn the_redis_url_never_prints() {
         let settings = parse(&["--redis-url", "redis://:hunter2@localhost:6379"]).expect("a valid URL");
         assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_last_seen_retention_of_0_turns_last_seen_off() {
+        let settings = parse(&["--last-seen-retention", "0"]).expect("valid");
+        assert_eq!(settings.last_seen(), None);
+        let settings = parse(&[]).expect("valid");
+        assert_eq!(
+            settings.last_seen(),
+            Some((Duration::from_secs(60), Duration::from_secs(7 * 24 * 3600)))
+        );
+    }
+
+    #[test]
+    fn sentinel_is_a_redis_mode_with_a_master_name() {
+        let settings = parse(&["--redis-mode", "sentinel", "--redis-sentinel-master", "main"]).expect("valid");
+        assert_eq!(settings.redis_mode, RedisMode::Sentinel);
+        assert_eq!(settings.redis_sentinel_master, "main");
     }
 
     #[test]

@@ -2,25 +2,43 @@
 //! signal. Listeners are bound in [`Application::build`], so a test can bind
 //! port 0, read the real port, and call the server with no sleeps.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
+use crate::error::OutageLog;
+use crate::limits::RequestSizeLayer;
+use crate::metrics::{self, Metrics};
 use crate::proto::{self, v1::presence_server::PresenceServer};
 use crate::service::PresenceService;
 use crate::settings::Settings;
-use crate::store::{Coalescing, MemoryStore, RedisStore, RedisStoreConfig, RepeatFilter, Store};
-use crate::{backend_health, metrics, metrics::Metrics, tick};
+use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, Store, memory::MemoryStoreConfig};
+use crate::watch::WatchHub;
+use crate::{health, keeper};
 
 /// Probes idle client connections, so that the sockets of clients that
 /// vanished without closing (a crashed node, a dropped NAT entry) are freed.
-const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// HTTP/2 pings on every client connection: a peer that does not answer
+/// within the timeout is gone, so a dead connection is noticed within
+/// interval + timeout (under a minute).
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The largest request accepted: well above the largest valid call (a
+/// `ReportBatch` of 1000 names of 256 bytes is about 260 KB), far below
+/// what would let one client take the server's memory.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// After the shutdown grace, how long the rest of the shutdown may take.
+const SHUTDOWN_TAIL: Duration = Duration::from_millis(500);
 
 /// The running service: the gRPC server with health and reflection, the
-/// tick, the backend health follower and the metrics endpoint.
+/// health follower, the keeper, the watch hub and the metrics endpoint.
 pub struct Application {
     grpc_listener: TcpListener,
     metrics_listener: TcpListener,
@@ -48,28 +66,21 @@ impl Application {
     /// Redis: the service starts, not ready, while Redis is down.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let store: Arc<dyn Store> = match &settings.redis_url {
-            Some(url) => {
-                let redis = RedisStore::new(RedisStoreConfig {
-                    url: url.expose().to_owned(),
-                    mode: settings.redis_mode,
-                    pool_size: settings.redis_pool_size,
-                    timeout: settings.redis_timeout,
-                    key_prefix: settings.key_prefix.clone(),
-                })?;
-                let in_flight = usize::try_from(settings.redis_pool_size).unwrap_or(1);
-                Arc::new(RepeatFilter::new(Coalescing::new(
-                    redis,
-                    in_flight,
-                    settings.redis_timeout,
-                )))
-            }
-            None => Arc::new(MemoryStore::new()),
+            Some(url) => Arc::new(RedisStore::start(RedisStoreConfig {
+                url: url.expose().to_owned(),
+                mode: settings.redis_mode,
+                sentinel_master: settings.redis_sentinel_master.clone(),
+                pool_size: settings.redis_pool_size,
+                timeout: settings.redis_timeout,
+                key_prefix: settings.key_prefix.clone(),
+                interval: settings.tick_interval,
+                last_seen: settings.last_seen(),
+            })?),
+            None => Arc::new(MemoryStore::new(MemoryStoreConfig {
+                interval: settings.tick_interval,
+                last_seen_retention: settings.last_seen().map(|(_, retention)| retention),
+            })),
         };
-        Self::with_store(settings, store).await
-    }
-
-    /// Like [`Application::build`], with a store of the caller's choosing.
-    pub async fn with_store(settings: Settings, store: Arc<dyn Store>) -> Result<Self, StartupError> {
         Ok(Self {
             grpc_listener: bind(settings.listen).await?,
             metrics_listener: bind(settings.metrics_listen).await?,
@@ -89,8 +100,10 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then shuts down gracefully: both
-    /// health statuses go NOT_SERVING, the server stops accepting, and
-    /// in-flight calls get up to the shutdown grace to finish.
+    /// health statuses go NOT_SERVING, watch streams end, the server stops
+    /// accepting, and in-flight calls get up to the shutdown grace to
+    /// finish. Whatever clients do, it returns within the grace and a
+    /// fraction of a second.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
         let grpc_address = self.grpc_address();
         let metrics_address = self.metrics_address();
@@ -102,26 +115,31 @@ impl Application {
         } = self;
 
         let metrics = Metrics::new();
+        metrics.set_tick_interval(settings.tick_interval);
+        let outage = OutageLog::default();
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_not_serving::<PresenceServer<PresenceService>>().await;
 
         let background = CancellationToken::new();
-        let tick = tokio::spawn(tick::run(
-            store.clone(),
-            settings.tick_interval,
-            metrics.clone(),
-            background.clone(),
-        ));
-        let follower = tokio::spawn(backend_health::follow(
+        let follower = tokio::spawn(health::follow(
             store.clone(),
             health.clone(),
             metrics.clone(),
+            outage.clone(),
             background.clone(),
         ));
+        let keeper = tokio::spawn(keeper::run(store.clone(), metrics.clone(), background.clone()));
+        let metrics_stop = CancellationToken::new();
         let metrics_server = tokio::spawn(metrics::serve(
             metrics_listener,
             metrics.clone(),
-            background.clone().cancelled_owned(),
+            metrics_stop.clone().cancelled_owned(),
+        ));
+        let watches = Arc::new(WatchHub::new(
+            store.clone(),
+            settings.watch_interval,
+            metrics.clone(),
+            background.clone(),
         ));
 
         // Nagle's algorithm would hold small responses back until the
@@ -130,12 +148,26 @@ impl Application {
         let incoming = TcpIncoming::from(grpc_listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(TCP_KEEPALIVE));
+        let presence = PresenceServer::new(PresenceService::new(
+            store.clone(),
+            metrics.clone(),
+            watches,
+            outage,
+            settings.redis_timeout,
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
         let drain = CancellationToken::new();
         let server = Server::builder()
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .max_connection_age(settings.max_connection_age)
+            .max_connection_age_grace(settings.max_connection_age_grace)
+            .layer(RequestSizeLayer::new(MAX_REQUEST_BYTES))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(PresenceServer::new(PresenceService::new(store.clone(), metrics)))
+            .add_service(presence)
             .serve_with_incoming_shutdown(incoming, drain.clone().cancelled_owned());
         tokio::pin!(server);
 
@@ -150,6 +182,8 @@ impl Application {
         tokio::select! {
             result = &mut server => {
                 background.cancel();
+                metrics_stop.cancel();
+                store.close();
                 result?;
                 return Ok(());
             }
@@ -160,17 +194,22 @@ impl Application {
             grace = %humantime::format_duration(settings.shutdown_grace),
             "shutting down: NOT_SERVING, draining in-flight calls"
         );
-        // Stop the follower first, so it cannot flip the status back.
+        // Stop the follower first, so it cannot flip the status back; this
+        // also ends every watch stream.
         background.cancel();
-        let _ = tokio::join!(tick, follower, metrics_server);
+        let _ = tokio::time::timeout(SHUTDOWN_TAIL, async { tokio::join!(follower, keeper) }).await;
         health.set_service_status("", ServingStatus::NotServing).await;
         health.set_not_serving::<PresenceServer<PresenceService>>().await;
+        metrics.set_ready(false);
         drain.cancel();
 
         match tokio::time::timeout(settings.shutdown_grace, &mut server).await {
             Ok(result) => result?,
             Err(_) => tracing::warn!("shutdown grace elapsed; closing the calls still open"),
         }
+        metrics_stop.cancel();
+        let _ = tokio::time::timeout(SHUTDOWN_TAIL, metrics_server).await;
+        store.close();
         tracing::info!("stopped");
         Ok(())
     }

@@ -415,7 +415,10 @@ impl Worker {
             Workload::ReportUnique => {
                 let username = format!("{}-{seq}", plan.prefix);
                 self.presence
-                    .report_user(ReportUserRequest { username })
+                    .report_user(ReportUserRequest {
+                        username,
+                        ..Default::default()
+                    })
                     .await
                     .map_err(failed)?;
                 Ok(one)
@@ -425,7 +428,10 @@ impl Worker {
                 let rank = plan.zipf_cdf.partition_point(|&c| c < u).min(plan.zipf_cdf.len() - 1);
                 let username = format!("{}-{rank}", plan.prefix);
                 self.presence
-                    .report_user(ReportUserRequest { username })
+                    .report_user(ReportUserRequest {
+                        username,
+                        ..Default::default()
+                    })
                     .await
                     .map_err(failed)?;
                 Ok(one)
@@ -433,7 +439,10 @@ impl Worker {
             Workload::ReportGuest => {
                 let ip_address = guest_address(plan.run_id, seq);
                 self.presence
-                    .report_guest(ReportGuestRequest { ip_address })
+                    .report_guest(ReportGuestRequest {
+                        ip_address,
+                        ..Default::default()
+                    })
                     .await
                     .map_err(failed)?;
                 Ok(one)
@@ -450,6 +459,7 @@ impl Worker {
                 let request = ReportBatchRequest {
                     usernames,
                     ip_addresses: Vec::new(),
+                    room: String::new(),
                 };
                 self.presence.report_batch(request).await.map_err(failed)?;
                 Ok(Answer { names, ..one })
@@ -457,7 +467,10 @@ impl Worker {
             Workload::List => {
                 let response = self
                     .presence
-                    .list_online(ListOnlineRequest { limit: plan.limit })
+                    .list_online(ListOnlineRequest {
+                        limit: plan.limit,
+                        ..Default::default()
+                    })
                     .await
                     .map_err(failed)?
                     .into_inner();

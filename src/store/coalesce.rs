@@ -1,59 +1,138 @@
-use std::{sync::Arc, time::Duration};
+//! The report queue: turns many concurrent reports into few Redis calls,
+//! and pushes back when Redis cannot keep up.
+//!
+//! Under load, many callers report at once, each one name. Sent one by one,
+//! each costs a script call in Redis and a round trip; the Redis side, not
+//! gRPC, becomes the limit. Here reports queue for a moment while a call is
+//! in flight and go out together in the next one: Redis runs one script for
+//! tens of names, and a lone report still goes out at once.
+//!
+//! Overload must not feed itself, so:
+//! - the queue is bounded by names (and so by memory): when it is full, a
+//!   report is refused at once ([`StoreError::Overloaded`]), never queued
+//!   for longer than the caller would wait;
+//! - work whose caller has gone (deadline passed, call cancelled) is dropped
+//!   before it reaches Redis;
+//! - a report that timed out waiting is [`StoreError::Expired`], which is
+//!   not a Redis failure: it does not empty the repeat filter or flip health.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use async_trait::async_trait;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
+    time::Instant,
+};
 
-use super::{Rotation, Store, StoreError};
-use crate::domain::{ListLimit, Online, Visitors};
+use super::StoreError;
+use super::repeat_filter::Written;
+use crate::domain::{Scope, Visitors};
 
 /// The most names one coalesced call carries. Bounded so that one script
 /// call stays short on the Redis side (it runs atomically) and within Lua's
 /// limit on `unpack`.
 pub const MAX_NAMES_PER_CALL: usize = 1000;
 
-/// Reports waiting for a coalesced call, before callers get pushed back.
-const QUEUE_DEPTH: usize = 4096;
+/// The most names waiting at once. At Redis's pace (hundreds of thousands
+/// of names a second in batches) this is tens of milliseconds of work; a
+/// queue longer than that only adds latency, and memory.
+pub const MAX_QUEUED_NAMES: usize = 20_000;
 
-/// Turns many concurrent reports into few store calls.
-///
-/// Under load, many callers report at once, each one name. Sent one by one,
-/// each costs a script call in Redis and a round trip; the Redis side, not
-/// gRPC, becomes the limit. Here reports queue for a moment while a call is
-/// in flight and go out together in the next one: Redis runs one script for
-/// tens of names, and a lone report still goes out at once.
-///
-/// All-or-nothing holds per report: each caller's names travel in one call,
-/// and each caller learns that call's outcome.
-pub struct Coalescing<S> {
-    inner: Arc<S>,
-    queue: mpsc::Sender<Waiting>,
-    timeout: Duration,
+/// Sends one coalesced batch to the store.
+#[async_trait]
+pub trait SendBatch: Send + Sync + 'static {
+    async fn send(&self, batch: &[(Scope, Visitors)]) -> Result<Written, StoreError>;
+}
+
+pub struct ReportQueue {
+    queue: mpsc::UnboundedSender<Waiting>,
+    queued: Arc<AtomicUsize>,
 }
 
 struct Waiting {
+    scope: Scope,
     visitors: Visitors,
-    done: oneshot::Sender<Result<(), Arc<StoreError>>>,
+    deadline: Instant,
+    done: oneshot::Sender<Result<Arc<Written>, Arc<StoreError>>>,
 }
 
-impl<S: Store> Coalescing<S> {
+impl Waiting {
+    fn names(&self) -> usize {
+        self.visitors.len()
+    }
+
+    /// Whether anyone still waits for this: the call is not cancelled and
+    /// its deadline has not passed.
+    fn wanted(&self, now: Instant) -> bool {
+        !self.done.is_closed() && now < self.deadline
+    }
+}
+
+impl ReportQueue {
     /// `in_flight` is how many coalesced calls may be outstanding at once
-    /// (about the number of Redis connections); `timeout` bounds a caller's
-    /// whole wait, queueing included.
-    pub fn new(inner: S, in_flight: usize, timeout: Duration) -> Self {
-        let inner = Arc::new(inner);
-        let (queue, waiting) = mpsc::channel(QUEUE_DEPTH);
+    /// (about the number of Redis connections).
+    pub fn new(sender: Arc<dyn SendBatch>, in_flight: usize) -> Self {
+        let (queue, waiting) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         tokio::spawn(dispatch(
-            inner.clone(),
+            sender,
             waiting,
             Arc::new(Semaphore::new(in_flight.max(1))),
+            queued.clone(),
         ));
-        Self { inner, queue, timeout }
+        Self { queue, queued }
+    }
+
+    /// Names waiting now, for the gauge.
+    pub fn depth(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Queues one caller's report and waits for the call that carries it,
+    /// until `deadline` at the latest.
+    pub async fn report(
+        &self,
+        scope: Scope,
+        visitors: Visitors,
+        deadline: Instant,
+    ) -> Result<Arc<Written>, StoreError> {
+        let names = visitors.len();
+        let before = self.queued.fetch_add(names, Ordering::AcqRel);
+        if before + names > MAX_QUEUED_NAMES && before > 0 {
+            self.queued.fetch_sub(names, Ordering::AcqRel);
+            return Err(StoreError::Overloaded);
+        }
+        let (done, outcome) = oneshot::channel();
+        let waiting = Waiting {
+            scope,
+            visitors,
+            deadline,
+            done,
+        };
+        if self.queue.send(waiting).is_err() {
+            self.queued.fetch_sub(names, Ordering::AcqRel);
+            return Err(StoreError::QueueClosed);
+        }
+        match tokio::time::timeout_at(deadline, outcome).await {
+            Ok(Ok(Ok(written))) => Ok(written),
+            Ok(Ok(Err(shared))) => Err(StoreError::Shared(shared)),
+            Ok(Err(_)) => Err(StoreError::QueueClosed),
+            Err(_) => Err(StoreError::Expired),
+        }
     }
 }
 
 /// Collects what is waiting into calls, and sends each call as soon as a
-/// slot is free. Ends when every [`Coalescing`] handle is gone.
-async fn dispatch<S: Store>(inner: Arc<S>, mut waiting: mpsc::Receiver<Waiting>, slots: Arc<Semaphore>) {
+/// slot is free. Ends when the queue's handle is gone.
+async fn dispatch(
+    sender: Arc<dyn SendBatch>,
+    mut waiting: mpsc::UnboundedReceiver<Waiting>,
+    slots: Arc<Semaphore>,
+    queued: Arc<AtomicUsize>,
+) {
     let mut carried = None;
     loop {
         let first = match carried.take() {
@@ -68,42 +147,44 @@ async fn dispatch<S: Store>(inner: Arc<S>, mut waiting: mpsc::Receiver<Waiting>,
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut names = first.names();
-        let mut batch = vec![first];
-        while names < MAX_NAMES_PER_CALL {
-            match waiting.try_recv() {
-                Ok(next) if names + next.names() <= MAX_NAMES_PER_CALL => {
-                    names += next.names();
-                    batch.push(next);
-                }
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        let mut names = 0;
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            queued.fetch_sub(item.names(), Ordering::AcqRel);
+            if !item.wanted(now) {
+                // Its caller has gone: it goes no further.
+                let _ = item.done.send(Err(Arc::new(StoreError::Expired)));
+            } else if names > 0 && names + item.names() > MAX_NAMES_PER_CALL {
                 // Never split one caller's report: it starts the next call.
-                Ok(next) => {
-                    carried = Some(next);
-                    break;
-                }
-                Err(_) => break,
+                queued.fetch_add(item.names(), Ordering::AcqRel);
+                carried = Some(item);
+                break;
+            } else {
+                names += item.names();
+                batch.push(item);
+            }
+            if names < MAX_NAMES_PER_CALL {
+                next = waiting.try_recv().ok();
             }
         }
-        send(inner.clone(), batch, slot);
+        if batch.is_empty() {
+            continue;
+        }
+        send(sender.clone(), batch, slot);
     }
 }
 
-impl Waiting {
-    fn names(&self) -> usize {
-        self.visitors.users.len() + self.visitors.guests.len()
-    }
-}
-
-fn send<S: Store>(inner: Arc<S>, batch: Vec<Waiting>, slot: tokio::sync::OwnedSemaphorePermit) {
+fn send(sender: Arc<dyn SendBatch>, batch: Vec<Waiting>, slot: OwnedSemaphorePermit) {
     tokio::spawn(async move {
-        let mut merged = Visitors::default();
+        let mut reports = Vec::with_capacity(batch.len());
         let mut callers = Vec::with_capacity(batch.len());
-        for mut waiting in batch {
-            merged.users.append(&mut waiting.visitors.users);
-            merged.guests.append(&mut waiting.visitors.guests);
+        for waiting in batch {
+            reports.push((waiting.scope, waiting.visitors));
             callers.push(waiting.done);
         }
-        let outcome = inner.report(&merged).await.map_err(Arc::new);
+        let outcome = sender.send(&reports).await.map(Arc::new).map_err(Arc::new);
         drop(slot);
         for caller in callers {
             let _ = caller.send(outcome.clone());
@@ -111,80 +192,127 @@ fn send<S: Store>(inner: Arc<S>, batch: Vec<Waiting>, slot: tokio::sync::OwnedSe
     });
 }
 
-#[async_trait]
-impl<S: Store> Store for Coalescing<S> {
-    async fn report(&self, visitors: &Visitors) -> Result<(), StoreError> {
-        let (done, outcome) = oneshot::channel();
-        let waiting = Waiting {
-            visitors: visitors.clone(),
-            done,
-        };
-        let call = async {
-            self.queue.send(waiting).await.map_err(|_| StoreError::QueueClosed)?;
-            match outcome.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(shared)) => Err(StoreError::Shared(shared)),
-                Err(_) => Err(StoreError::QueueClosed),
-            }
-        };
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
-    }
-
-    async fn list_online(&self, limit: ListLimit) -> Result<Online, StoreError> {
-        self.inner.list_online(limit).await
-    }
-
-    async fn rotate_if_due(&self, interval: Duration) -> Result<Rotation, StoreError> {
-        self.inner.rotate_if_due(interval).await
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::Username;
-    use crate::store::MemoryStore;
+    use std::sync::Mutex;
+    use std::time::Duration;
 
-    #[tokio::test]
-    async fn concurrent_reports_are_all_stored_and_all_answered() {
-        let store = Arc::new(Coalescing::new(MemoryStore::new(), 2, Duration::from_secs(5)));
-        let mut calls = Vec::new();
-        for i in 0..500 {
-            let store = store.clone();
-            calls.push(tokio::spawn(async move {
-                let name = Username::parse(format!("user{i:03}")).expect("a valid name");
-                let visitors = Visitors {
-                    users: vec![name],
-                    guests: Vec::new(),
-                };
-                store.report(&visitors).await
-            }));
+    /// Records what it was sent; each call takes `delay`.
+    struct Recorder {
+        calls: Mutex<Vec<usize>>,
+        started: AtomicUsize,
+        delay: Duration,
+    }
+
+    #[async_trait]
+    impl SendBatch for Recorder {
+        async fn send(&self, batch: &[(Scope, Visitors)]) -> Result<Written, StoreError> {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            let names = batch.iter().map(|(_, v)| v.len()).sum();
+            self.calls.lock().expect("not poisoned").push(names);
+            Ok(Written::default())
         }
-        for call in calls {
-            call.await.expect("the task ends").expect("the report is stored");
+    }
+
+    fn recorder(delay: Duration) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            calls: Mutex::new(Vec::new()),
+            started: AtomicUsize::new(0),
+            delay,
+        })
+    }
+
+    fn one(i: usize) -> Visitors {
+        Visitors {
+            users: vec![Username::parse(format!("user{i}")).expect("valid")],
+            guests: Vec::new(),
         }
-        let online = store.list_online(None).await.expect("lists");
-        assert_eq!(online.users.total, 500);
-        assert_eq!(online.users.names.first().map(String::as_str), Some("user000"));
+    }
+
+    fn many(n: usize) -> Visitors {
+        Visitors {
+            users: (0..n)
+                .map(|i| Username::parse(format!("u{i}")).expect("valid"))
+                .collect(),
+            guests: Vec::new(),
+        }
     }
 
     #[tokio::test]
-    async fn a_report_of_the_maximum_size_goes_through_alone() {
-        let store = Coalescing::new(MemoryStore::new(), 1, Duration::from_secs(5));
-        let users = (0..MAX_NAMES_PER_CALL)
-            .map(|i| Username::parse(format!("u{i}")).expect("a valid name"))
+    async fn concurrent_reports_are_all_answered_in_few_calls() {
+        let sender = recorder(Duration::from_millis(5));
+        let queue = Arc::new(ReportQueue::new(sender.clone(), 1));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let calls: Vec<_> = (0..200)
+            .map(|i| {
+                let queue = queue.clone();
+                tokio::spawn(async move { queue.report(Scope::Site, one(i), deadline).await })
+            })
             .collect();
-        let visitors = Visitors {
-            users,
-            guests: Vec::new(),
-        };
-        store.report(&visitors).await.expect("stored");
-        assert_eq!(store.list_online(None).await.expect("lists").users.total, 1000);
+        for call in calls {
+            call.await.expect("the task ends").expect("the report is sent");
+        }
+        let sent = sender.calls.lock().expect("not poisoned").clone();
+        assert_eq!(sent.iter().sum::<usize>(), 200);
+        assert!(sent.len() < 200, "reports were coalesced: {sent:?}");
+        assert_eq!(queue.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let sender = recorder(Duration::from_secs(3600));
+        let queue = Arc::new(ReportQueue::new(sender.clone(), 1));
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        // One call in flight holds the only slot; the queue fills behind it
+        // (and what does not fit is refused).
+        let mut waiting = vec![tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.report(Scope::Site, many(1000), deadline).await }
+        })];
+        eventually(|| sender.started.load(Ordering::SeqCst) == 1).await;
+        for _ in 0..(MAX_QUEUED_NAMES / 1000 + 3) {
+            let queue = queue.clone();
+            waiting.push(tokio::spawn(async move {
+                queue.report(Scope::Site, many(1000), deadline).await
+            }));
+        }
+        eventually(|| queue.depth() == MAX_QUEUED_NAMES).await;
+        let refused = queue.report(Scope::Site, one(0), deadline).await;
+        assert!(matches!(refused, Err(StoreError::Overloaded)), "{refused:?}");
+        for task in waiting {
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn work_whose_caller_gave_up_never_reaches_the_store() {
+        let sender = recorder(Duration::from_millis(200));
+        let queue = Arc::new(ReportQueue::new(sender.clone(), 1));
+        let far = Instant::now() + Duration::from_secs(10);
+        // The first call occupies the slot for 200 ms...
+        let first = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.report(Scope::Site, one(1), far).await }
+        });
+        eventually(|| sender.started.load(Ordering::SeqCst) == 1).await;
+        // ...while this one waits behind it with a 50 ms deadline.
+        let soon = Instant::now() + Duration::from_millis(50);
+        let expired = queue.report(Scope::Site, one(2), soon).await;
+        assert!(matches!(expired, Err(StoreError::Expired)), "{expired:?}");
+        first.await.expect("ends").expect("sent");
+        // A later report goes out alone: the expired one was dropped.
+        queue.report(Scope::Site, one(3), far).await.expect("sent");
+        assert_eq!(*sender.calls.lock().expect("not poisoned"), [1, 1]);
+    }
+
+    pub(super) async fn eventually(condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "condition never held");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

@@ -153,6 +153,7 @@ async fn a_batch_is_stored_whole_or_not_at_all(backend: Backend) {
     let bad = ReportBatchRequest {
         usernames: vec!["alice".into(), "".into()],
         ip_addresses: vec!["10.0.0.1".into(), "1.2.3.4:80".into()],
+        ..Default::default()
     };
     let status = app.client.clone().report_batch(bad).await.expect_err("refused");
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -163,6 +164,7 @@ async fn a_batch_is_stored_whole_or_not_at_all(backend: Backend) {
     let good = ReportBatchRequest {
         usernames: vec!["bob".into(), "alice".into(), "bob".into()],
         ip_addresses: vec!["::ffff:192.0.2.1".into()],
+        ..Default::default()
     };
     app.client.clone().report_batch(good).await.expect("accepted");
     let online = app.list(0).await.expect("listing");
@@ -171,7 +173,7 @@ async fn a_batch_is_stored_whole_or_not_at_all(backend: Backend) {
 
     let too_big = ReportBatchRequest {
         usernames: (0..1001).map(|i| format!("u{i}")).collect(),
-        ip_addresses: vec![],
+        ..Default::default()
     };
     let status = app.client.clone().report_batch(too_big).await.expect_err("refused");
     assert_eq!(status.code(), Code::InvalidArgument);

@@ -10,7 +10,8 @@ use std::{
 use presence::{
     Application, Settings,
     proto::v1::{
-        ListOnlineRequest, ListOnlineResponse, ReportGuestRequest, ReportUserRequest, presence_client::PresenceClient,
+        CheckOnlineRequest, CheckOnlineResponse, CountOnlineRequest, LeaveRequest, ListOnlineRequest,
+        ListOnlineResponse, ReportGuestRequest, ReportUserRequest, presence_client::PresenceClient,
     },
     settings::RedisUrl,
 };
@@ -64,27 +65,107 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
     }
 }
 
+/// Everyone online in a scope, read page by page to the end: users,
+/// guests, and the counts of the last page.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Everyone {
+    pub users: Vec<String>,
+    pub guests: Vec<String>,
+    pub user_count: u64,
+    pub guest_count: u64,
+    pub pages: usize,
+}
+
 impl TestApp {
     pub async fn report_user(&self, name: &str) -> Result<(), tonic::Status> {
+        self.report_user_in(name, "").await
+    }
+
+    pub async fn report_user_in(&self, name: &str, room: &str) -> Result<(), tonic::Status> {
         let request = ReportUserRequest {
             username: name.to_owned(),
+            room: room.to_owned(),
         };
         self.client.clone().report_user(request).await.map(|_| ())
     }
 
     pub async fn report_guest(&self, address: &str) -> Result<(), tonic::Status> {
+        self.report_guest_in(address, "").await
+    }
+
+    pub async fn report_guest_in(&self, address: &str, room: &str) -> Result<(), tonic::Status> {
         let request = ReportGuestRequest {
             ip_address: address.to_owned(),
+            room: room.to_owned(),
         };
         self.client.clone().report_guest(request).await.map(|_| ())
     }
 
+    /// The first page of the site, `limit` names of each kind.
     pub async fn list(&self, limit: u32) -> Result<ListOnlineResponse, tonic::Status> {
-        self.client
-            .clone()
-            .list_online(ListOnlineRequest { limit })
-            .await
-            .map(|r| r.into_inner())
+        self.page("", limit, "").await
+    }
+
+    pub async fn page(&self, room: &str, limit: u32, token: &str) -> Result<ListOnlineResponse, tonic::Status> {
+        let request = ListOnlineRequest {
+            limit,
+            page_token: token.to_owned(),
+            room: room.to_owned(),
+        };
+        self.client.clone().list_online(request).await.map(|r| r.into_inner())
+    }
+
+    /// Walks every page of a scope, `limit` at a time.
+    pub async fn everyone_in(&self, room: &str, limit: u32) -> Result<Everyone, tonic::Status> {
+        let mut everyone = Everyone::default();
+        let mut token = String::new();
+        loop {
+            let page = self.page(room, limit, &token).await?;
+            everyone.pages += 1;
+            everyone.users.extend(page.users);
+            everyone.guests.extend(page.guests);
+            everyone.user_count = page.user_count;
+            everyone.guest_count = page.guest_count;
+            if page.next_page_token.is_empty() {
+                return Ok(everyone);
+            }
+            assert!(everyone.pages < 100_000, "the walk never ends");
+            token = page.next_page_token;
+        }
+    }
+
+    /// Everyone online site-wide, all pages.
+    pub async fn everyone(&self) -> Result<Everyone, tonic::Status> {
+        self.everyone_in("", 1000).await
+    }
+
+    pub async fn count(&self, room: &str) -> Result<(u64, u64), tonic::Status> {
+        let request = CountOnlineRequest { room: room.to_owned() };
+        let counts = self.client.clone().count_online(request).await?.into_inner();
+        Ok((counts.user_count, counts.guest_count))
+    }
+
+    pub async fn check(
+        &self,
+        room: &str,
+        users: &[&str],
+        guests: &[&str],
+    ) -> Result<CheckOnlineResponse, tonic::Status> {
+        let request = CheckOnlineRequest {
+            usernames: users.iter().map(|s| (*s).to_owned()).collect(),
+            ip_addresses: guests.iter().map(|s| (*s).to_owned()).collect(),
+            room: room.to_owned(),
+        };
+        self.client.clone().check_online(request).await.map(|r| r.into_inner())
+    }
+
+    pub async fn leave(&self, room: &str, users: &[&str], guests: &[&str]) -> Result<(), tonic::Status> {
+        let request = LeaveRequest {
+            usernames: users.iter().map(|s| (*s).to_owned()).collect(),
+            ip_addresses: guests.iter().map(|s| (*s).to_owned()).collect(),
+            room: room.to_owned(),
+        };
+        self.client.clone().leave(request).await.map(|_| ())
     }
 
     pub async fn health_of(&self, service: &str) -> Result<ServingStatus, tonic::Status> {

@@ -117,10 +117,13 @@ async fn with_no_redis_it_serves_from_memory_says_so_and_exits_0_on_sigterm() {
     let mut client = presence::proto::v1::presence_client::PresenceClient::connect(format!("http://{address}"))
         .await
         .expect("connects");
-    let request = presence::proto::v1::ReportUserRequest { username: "ada".into() };
+    let request = presence::proto::v1::ReportUserRequest {
+        username: "ada".into(),
+        ..Default::default()
+    };
     client.report_user(request).await.expect("report accepted");
     let online = client
-        .list_online(presence::proto::v1::ListOnlineRequest { limit: 0 })
+        .list_online(presence::proto::v1::ListOnlineRequest::default())
         .await
         .expect("listing")
         .into_inner();

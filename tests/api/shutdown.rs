@@ -37,6 +37,7 @@ async fn on_shutdown_health_goes_not_serving_and_a_call_in_flight_still_complete
             client
                 .report_user(presence::proto::v1::ReportUserRequest {
                     username: "last-one".into(),
+                    ..Default::default()
                 })
                 .await
         }

@@ -1,0 +1,1035 @@
+//! The Redis store: the two-set algorithm of `keyspace.rs`, on a single
+//! Redis or a Sentinel-managed master through a `bb8-redis` pool, or on a
+//! Redis Cluster.
+//!
+//! Every call is bounded by the timeout. A call that sees its connection
+//! fail or hang marks it broken, and it is replaced (see [`Connections`]):
+//! that is how the store recovers by itself after Redis restarts or fails
+//! over.
+//!
+//! Reports go through the repeat filter (names this replica already wrote
+//! in this interval are skipped) and the report queue (concurrent reports
+//! share one call); the filter trusts only what the bus and the probe keep
+//! confirming (see `repeat_filter.rs`).
+
+mod bus;
+mod connection;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use redis::Script;
+use tokio::{
+    sync::mpsc,
+    time::{Instant, timeout_at},
+};
+use tokio_util::sync::CancellationToken;
+
+pub use self::connection::RedisMode;
+use self::{
+    bus::Bus,
+    connection::{Connections, RedisConnection, RedisTarget},
+};
+use super::coalesce::{ReportQueue, SendBatch};
+use super::repeat_filter::{RepeatFilter, Written};
+use super::{Change, Maintenance, Probe, Snapshot, Store, StoreError};
+use crate::domain::{
+    Counts, Kind, KindPage, Room, RoomCount, RoomOrder, RoomsPage, RoomsPageToken, Scope, Visitors, page_of,
+};
+use crate::keyspace::{self, KeyPrefix, Keyspace};
+
+/// Rooms looked at per step of the sweep: each is one small script, and a
+/// step is a few milliseconds of Redis work in all, between which Redis
+/// serves everyone else.
+const SWEEP_STEP: usize = 100;
+
+/// Last-seen entries pruned per step.
+const PRUNE_STEP: usize = 500;
+
+/// Names announced per step when a watched scope rotates.
+const DRAIN_STEP: usize = 500;
+
+/// How long a scope stays marked as watched without being marked again.
+const WATCHED_FOR: Duration = Duration::from_secs(5);
+
+/// What a [`RedisStore`] needs to know.
+#[derive(Debug, Clone)]
+pub struct RedisStoreConfig {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://…` or
+    /// `unix:///path/to/socket`: the server, one cluster node, or one
+    /// sentinel.
+    pub url: String,
+    pub mode: RedisMode,
+    /// Sentinel mode: the master's name.
+    pub sentinel_master: String,
+    /// Connections in the pool. Each is multiplexed: many calls share it.
+    pub pool_size: u32,
+    /// The longest any one store call may take, connecting included.
+    pub timeout: Duration,
+    pub key_prefix: KeyPrefix,
+    /// *T*: the length of an interval.
+    pub interval: Duration,
+    /// Last seen: how precise, and how long kept; `None` is off.
+    pub last_seen: Option<(Duration, Duration)>,
+}
+
+/// What every part of the store shares: connections, scripts, keys.
+pub(crate) struct Redis {
+    connections: Connections,
+    target: RedisTarget,
+    keys: Keyspace,
+    timeout: Duration,
+    scripts: Scripts,
+    /// `SPUBLISH` in a cluster, `PUBLISH` elsewhere.
+    publish: &'static str,
+    /// *T*, in ms.
+    period: u64,
+    /// How long a room's keys live after the start of the interval of its
+    /// last report: two intervals, and a margin for the sweep to remove
+    /// them first (a big set is freed by `UNLINK` in the background, where
+    /// an expiry would free it on Redis's main thread).
+    keep: u64,
+    /// Last seen: (precision, retention), in ms.
+    last_seen: Option<(u64, u64)>,
+    /// Site-wide rotations this replica's scripts did, by kind.
+    rotations: [AtomicU64; 2],
+}
+
+struct Scripts {
+    site_report: Script,
+    room_report: Script,
+    site_leave: Script,
+    forget_memberships: Script,
+    room_leave: Script,
+    page: Script,
+    check: Script,
+    last_seen: Script,
+    prune_last_seen: Script,
+    probe: Script,
+    ping: Script,
+    invalidate: Script,
+    snapshot: Script,
+    watch: Script,
+    drain_leaving: Script,
+    room_counts: Script,
+    index_rooms: Script,
+    rooms_page: Script,
+    take_sweep: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            site_report: Script::new(keyspace::SITE_REPORT_SCRIPT),
+            room_report: Script::new(keyspace::ROOM_REPORT_SCRIPT),
+            site_leave: Script::new(keyspace::SITE_LEAVE_SCRIPT),
+            forget_memberships: Script::new(keyspace::FORGET_MEMBERSHIPS_SCRIPT),
+            room_leave: Script::new(keyspace::ROOM_LEAVE_SCRIPT),
+            page: Script::new(keyspace::PAGE_SCRIPT),
+            check: Script::new(keyspace::CHECK_SCRIPT),
+            last_seen: Script::new(keyspace::LAST_SEEN_SCRIPT),
+            prune_last_seen: Script::new(keyspace::PRUNE_LAST_SEEN_SCRIPT),
+            probe: Script::new(keyspace::PROBE_SCRIPT),
+            ping: Script::new(keyspace::PING_SCRIPT),
+            invalidate: Script::new(keyspace::INVALIDATE_SCRIPT),
+            snapshot: Script::new(keyspace::SNAPSHOT_SCRIPT),
+            watch: Script::new(keyspace::WATCH_SCRIPT),
+            drain_leaving: Script::new(keyspace::DRAIN_LEAVING_SCRIPT),
+            room_counts: Script::new(keyspace::ROOM_COUNTS_SCRIPT),
+            index_rooms: Script::new(keyspace::INDEX_ROOMS_SCRIPT),
+            rooms_page: Script::new(keyspace::ROOMS_PAGE_SCRIPT),
+            take_sweep: Script::new(keyspace::TAKE_SWEEP_SCRIPT),
+        }
+    }
+}
+
+/// A room's new counts, for the rooms index.
+struct RoomUpdate {
+    room: Room,
+    counts: Counts,
+    version: u64,
+}
+
+impl Redis {
+    /// Runs one store operation on a connection, within the time bound. A
+    /// connection that failed or hung is marked broken, so the next call
+    /// gets a fresh one.
+    async fn bounded<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(RedisConnection) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let timed_out = || StoreError::Timeout(self.timeout);
+        let checkout = timeout_at(deadline, self.connections.checkout()).await;
+        let (connection, checkout) = checkout.map_err(|_| timed_out())??;
+        match timeout_at(deadline, operation(connection)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                if error.breaks_connection() {
+                    self.connections.mark_broken(&checkout);
+                }
+                Err(error)
+            }
+            Err(_) => {
+                self.connections.mark_broken(&checkout);
+                Err(timed_out())
+            }
+        }
+    }
+
+    /// A scope's keys for one kind, as scripts take them: 9 on the site
+    /// (with the memberships), 7 in a room.
+    fn kind_keys(&self, scope: &Scope, kind: Kind) -> Vec<String> {
+        match scope {
+            Scope::Site => self.keys.site(kind).nine().map(str::to_owned).to_vec(),
+            Scope::Room(room) => self.keys.room(room).of(kind).seven().map(str::to_owned).to_vec(),
+        }
+    }
+
+    /// Counts a rotation a script reports, if it was of a site kind.
+    fn rotated(&self, scope: &Scope, kind: Kind, rotated: u8) {
+        if rotated == 1 && scope == &Scope::Site {
+            self.rotations[kind as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Room keys expire on their own; the site's never do.
+    fn keep_of(&self, scope: &Scope) -> u64 {
+        match scope {
+            Scope::Site => 0,
+            Scope::Room(_) => self.keep,
+        }
+    }
+
+    fn room_script<'a>(&self, script: &'a Script, room: &Room) -> redis::ScriptInvocation<'a> {
+        let keys = self.keys.room(room);
+        let mut invocation = script.prepare_invoke();
+        for key in keys.users.seven().into_iter().chain(keys.guests.seven()) {
+            invocation.key(key);
+        }
+        invocation.key(&keys.version);
+        invocation
+    }
+
+    async fn site_report(
+        &self,
+        mut connection: RedisConnection,
+        kind: Kind,
+        names: &[&str],
+        rooms: &[&str],
+    ) -> Result<u64, StoreError> {
+        let mut invocation = self.scripts.site_report.prepare_invoke();
+        for key in self.keys.site(kind).nine() {
+            invocation.key(key);
+        }
+        invocation.key(&self.keys.last_seen);
+        let record = kind == Kind::Users && self.last_seen.is_some();
+        let (start, rotated): (u64, u8) = invocation
+            .arg(self.publish)
+            .arg(self.period)
+            .arg(kind.as_str())
+            .arg(u8::from(record))
+            .arg(names.len())
+            .arg(names)
+            .arg(rooms)
+            .invoke_async(&mut connection)
+            .await?;
+        self.rotated(&Scope::Site, kind, rotated);
+        Ok(start)
+    }
+
+    async fn room_report(
+        &self,
+        mut connection: RedisConnection,
+        room: &Room,
+        users: &[&str],
+        guests: &[&str],
+    ) -> Result<(u64, RoomUpdate), StoreError> {
+        let (start, u, g, version): (u64, u64, u64, u64) = self
+            .room_script(&self.scripts.room_report, room)
+            .arg(self.publish)
+            .arg(self.period)
+            .arg(self.keep)
+            .arg(users.len())
+            .arg(users)
+            .arg(guests)
+            .invoke_async(&mut connection)
+            .await?;
+        let update = RoomUpdate {
+            room: room.clone(),
+            counts: Counts { users: u, guests: g },
+            version,
+        };
+        Ok((start, update))
+    }
+
+    async fn room_leave(
+        &self,
+        mut connection: RedisConnection,
+        room: &Room,
+        users: &[&str],
+        guests: &[&str],
+    ) -> Result<RoomUpdate, StoreError> {
+        let (u, g, version): (u64, u64, u64) = self
+            .room_script(&self.scripts.room_leave, room)
+            .arg(self.publish)
+            .arg(self.period)
+            .arg(self.keep)
+            .arg(users.len())
+            .arg(users)
+            .arg(guests)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(RoomUpdate {
+            room: room.clone(),
+            counts: Counts { users: u, guests: g },
+            version,
+        })
+    }
+
+    async fn room_counts(&self, mut connection: RedisConnection, room: &Room) -> Result<RoomUpdate, StoreError> {
+        let (u, g, version): (u64, u64, u64) = self
+            .room_script(&self.scripts.room_counts, room)
+            .arg(self.publish)
+            .arg(self.period)
+            .arg(self.keep)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(RoomUpdate {
+            room: room.clone(),
+            counts: Counts { users: u, guests: g },
+            version,
+        })
+    }
+
+    /// Brings the rooms index up to date with rooms' counts; `seen` notes
+    /// them as reported into during the interval that starts then.
+    async fn index_rooms(
+        &self,
+        mut connection: RedisConnection,
+        updates: &[RoomUpdate],
+        seen: Option<u64>,
+    ) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let index = &self.keys.rooms;
+        let seen_key = index.seen(seen.unwrap_or(0));
+        let mut invocation = self.scripts.index_rooms.prepare_invoke();
+        invocation
+            .key(&index.names)
+            .key(&index.users)
+            .key(&index.guests)
+            .key(&index.versions)
+            .key(&seen_key);
+        // The sweep reads an interval's set during the two that follow.
+        invocation.arg(seen.map_or(0, |start| start + 3 * self.period));
+        for update in updates {
+            invocation
+                .arg(update.room.as_str())
+                .arg(update.counts.users)
+                .arg(update.counts.guests)
+                .arg(update.version);
+        }
+        invocation.invoke_async::<()>(&mut connection).await?;
+        Ok(())
+    }
+
+    /// Reads the counts of rooms (bringing each into the current interval)
+    /// and updates the index with them.
+    async fn refresh_rooms(&self, connection: RedisConnection, rooms: &[Room]) -> Result<Vec<RoomUpdate>, StoreError> {
+        let reads = rooms.iter().map(|room| self.room_counts(connection.clone(), room));
+        let updates = futures_util::future::try_join_all(reads).await?;
+        self.index_rooms(connection, &updates, None).await?;
+        Ok(updates)
+    }
+}
+
+#[async_trait]
+impl SendBatch for Redis {
+    /// One coalesced batch: a script per site kind (every name, with its
+    /// room as a membership), a script per room, then the rooms index. All
+    /// go out at once on the multiplexed connection.
+    async fn send(&self, batch: &[(Scope, Visitors)]) -> Result<Written, StoreError> {
+        let mut site: [(Vec<&str>, Vec<&str>); 2] = Default::default();
+        let mut rooms: BTreeMap<&Room, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
+        for (scope, visitors) in batch {
+            for kind in Kind::ALL {
+                let names = visitors.names(kind);
+                let (site_names, site_rooms) = &mut site[kind as usize];
+                site_rooms.extend(std::iter::repeat_n(scope.as_str(), names.len()));
+                if let Some(room) = scope.room() {
+                    let (users, guests) = rooms.entry(room).or_default();
+                    match kind {
+                        Kind::Users => users.extend(&names),
+                        Kind::Guests => guests.extend(&names),
+                    }
+                }
+                site_names.extend(names);
+            }
+        }
+        self.bounded(|connection| async move {
+            let site_parts = Kind::ALL.map(|kind| {
+                let (names, rooms) = &site[kind as usize];
+                let connection = connection.clone();
+                async move {
+                    if names.is_empty() {
+                        Ok(None)
+                    } else {
+                        self.site_report(connection, kind, names, rooms).await.map(Some)
+                    }
+                }
+            });
+            let [users, guests] = site_parts;
+            let room_parts = rooms
+                .iter()
+                .map(|(room, (users, guests))| self.room_report(connection.clone(), room, users, guests));
+            let (users, guests, rooms) =
+                tokio::try_join!(users, guests, futures_util::future::try_join_all(room_parts))?;
+            let mut written = Written {
+                users,
+                guests,
+                rooms: HashMap::new(),
+            };
+            // Index updates, grouped by the interval they were reported in.
+            let mut by_start: BTreeMap<u64, Vec<RoomUpdate>> = BTreeMap::new();
+            for (start, update) in rooms {
+                written.rooms.insert(update.room.clone(), start);
+                by_start.entry(start).or_default().push(update);
+            }
+            for (start, updates) in by_start {
+                self.index_rooms(connection.clone(), &updates, Some(start)).await?;
+            }
+            Ok(written)
+        })
+        .await
+    }
+}
+
+/// Where the sweep of the rooms stands: which interval it is for, which
+/// set of rooms it reads (those reported into one and two intervals
+/// before), and the last room done.
+#[derive(Debug, Default)]
+struct Sweep {
+    /// The interval whose sweep is done (by us or another replica).
+    done: u64,
+    /// The interval being swept, and where.
+    current: Option<(u64, u8, String)>,
+}
+
+/// The Redis store. See the module documentation.
+pub struct RedisStore {
+    redis: Arc<Redis>,
+    filter: Arc<RepeatFilter>,
+    queue: ReportQueue,
+    bus: Arc<Bus>,
+    sweep: Mutex<Sweep>,
+    /// The start of the interval Redis was in at the last probe (Redis's ms).
+    interval: Mutex<Option<u64>>,
+    stop: CancellationToken,
+}
+
+impl RedisStore {
+    /// Builds the store without connecting: the service starts, and reports
+    /// itself not ready, even while Redis is down. Its background tasks
+    /// (pings, pub/sub) start at once and stop with [`Store::close`].
+    pub fn start(config: RedisStoreConfig) -> Result<Self, redis::RedisError> {
+        let timeout = config.timeout;
+        let target = RedisTarget::parse(&config.url, config.mode, &config.sentinel_master, timeout)?;
+        let connections = Connections::new(&target, config.pool_size)?;
+        let period = millis(config.interval).max(1);
+        let redis = Arc::new(Redis {
+            connections,
+            keys: Keyspace::new(&config.key_prefix),
+            timeout,
+            scripts: Scripts::new(),
+            publish: match config.mode {
+                RedisMode::Cluster => "SPUBLISH",
+                RedisMode::Single | RedisMode::Sentinel => "PUBLISH",
+            },
+            period,
+            keep: 2 * period + (period / 2).max(1000),
+            last_seen: config
+                .last_seen
+                .map(|(precision, retention)| (millis(precision), millis(retention))),
+            rotations: Default::default(),
+            target,
+        });
+        let precision = config.last_seen.map(|(precision, _)| precision);
+        let filter = Arc::new(RepeatFilter::new(config.interval, precision));
+        let stop = CancellationToken::new();
+        let in_flight = usize::try_from(config.pool_size).unwrap_or(1);
+        Ok(Self {
+            queue: ReportQueue::new(redis.clone(), in_flight),
+            bus: Bus::start(redis.clone(), filter.clone(), stop.clone()),
+            redis,
+            filter,
+            sweep: Mutex::default(),
+            interval: Mutex::default(),
+            stop,
+        })
+    }
+
+    /// A failure of Redis may mean it lost what it had: forget it all.
+    fn failed<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(error) = &result
+            && error.is_backend_failure()
+        {
+            self.filter.forget_all();
+        }
+        result
+    }
+
+    /// One step of the rooms' sweep: after each interval begins, every
+    /// room reported into during the two before (and not since) is brought
+    /// into the new interval, its index entry updated, and an empty room's
+    /// last keys removed. One replica sweeps each interval.
+    async fn sweep_step(&self) -> Result<(u64, bool), StoreError> {
+        let Some(start) = *lock(&self.interval) else {
+            return Ok((0, false));
+        };
+        let (phase, after) = {
+            let mut sweep = lock(&self.sweep);
+            if sweep.done >= start {
+                return Ok((0, false));
+            }
+            match &sweep.current {
+                Some((s, phase, after)) if *s == start => (*phase, after.clone()),
+                _ => {
+                    sweep.current = Some((start, 0, String::new()));
+                    (0, String::new())
+                }
+            }
+        };
+        let redis = &self.redis;
+        if phase == 0 && after.is_empty() {
+            let taken: u8 = redis
+                .bounded(|mut connection| async move {
+                    Ok(redis
+                        .scripts
+                        .take_sweep
+                        .key(&redis.keys.rooms.sweep)
+                        .arg(start)
+                        .arg(self.bus.replica())
+                        .invoke_async(&mut connection)
+                        .await?)
+                })
+                .await?;
+            if taken == 0 {
+                let mut sweep = lock(&self.sweep);
+                sweep.done = start;
+                sweep.current = None;
+                return Ok((0, false));
+            }
+        }
+        let interval = start - (u64::from(phase) + 1) * redis.period;
+        let seen = redis.keys.rooms.seen(interval);
+        let rooms: Vec<String> = redis
+            .bounded(|mut connection| {
+                let seen = seen.clone();
+                let after = after.clone();
+                async move {
+                    let min = if after.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        format!("({after}")
+                    };
+                    Ok(redis::cmd("ZRANGE")
+                        .arg(&seen)
+                        .arg(min)
+                        .arg("+")
+                        .arg("BYLEX")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(SWEEP_STEP)
+                        .query_async(&mut connection)
+                        .await?)
+                }
+            })
+            .await?;
+        let parsed: Vec<Room> = rooms
+            .iter()
+            .filter_map(|name| Scope::parse(name.clone()).ok()?.room().cloned())
+            .collect();
+        if !parsed.is_empty() {
+            redis
+                .bounded(|connection| async move { redis.refresh_rooms(connection, &parsed).await })
+                .await?;
+        }
+        let mut sweep = lock(&self.sweep);
+        let swept = rooms.len() as u64;
+        match rooms.last() {
+            Some(last) if rooms.len() == SWEEP_STEP => {
+                sweep.current = Some((start, phase, last.clone()));
+            }
+            _ if phase == 0 => sweep.current = Some((start, 1, String::new())),
+            _ => {
+                sweep.done = start;
+                sweep.current = None;
+                return Ok((swept, false));
+            }
+        }
+        Ok((swept, true))
+    }
+
+    async fn prune_step(&self) -> Result<(u64, bool), StoreError> {
+        let Some((_, retention)) = self.redis.last_seen else {
+            return Ok((0, false));
+        };
+        let redis = &self.redis;
+        let pruned: u64 = redis
+            .bounded(|mut connection| async move {
+                Ok(redis
+                    .scripts
+                    .prune_last_seen
+                    .key(&redis.keys.last_seen)
+                    .arg(redis.publish)
+                    .arg(retention)
+                    .arg(PRUNE_STEP)
+                    .invoke_async(&mut connection)
+                    .await?)
+            })
+            .await?;
+        Ok((pruned, pruned as usize == PRUNE_STEP))
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn report(&self, scope: &Scope, visitors: Visitors, deadline: Instant) -> Result<(), StoreError> {
+        let ticket = self.filter.ticket();
+        let fresh = self.filter.unknown(scope, visitors);
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let written = self.queue.report(scope.clone(), fresh.clone(), deadline).await;
+        let written = self.failed(written)?;
+        self.filter.remember(scope, &fresh, &written, ticket);
+        Ok(())
+    }
+
+    async fn leave(&self, scope: &Scope, visitors: &Visitors) -> Result<(), StoreError> {
+        let redis = &self.redis;
+        let removed = redis
+            .bounded(|connection| async move {
+                let mut updates = Vec::new();
+                match scope {
+                    Scope::Site => {
+                        // Each name's rooms come from its memberships.
+                        let mut in_rooms: BTreeMap<Room, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
+                        for kind in Kind::ALL {
+                            let names = visitors.names(kind);
+                            if names.is_empty() {
+                                continue;
+                            }
+                            let mut invocation = redis.scripts.site_leave.prepare_invoke();
+                            for key in redis.keys.site(kind).nine() {
+                                invocation.key(key);
+                            }
+                            let (rotated, rooms): (u8, Vec<Vec<String>>) = invocation
+                                .arg(redis.publish)
+                                .arg(redis.period)
+                                .arg(kind.as_str())
+                                .arg(&names)
+                                .invoke_async(&mut connection.clone())
+                                .await?;
+                            redis.rotated(scope, kind, rotated);
+                            for (name, rooms) in names.iter().zip(rooms) {
+                                for room in rooms {
+                                    let Ok(Scope::Room(room)) = Scope::parse(room) else {
+                                        continue;
+                                    };
+                                    let (users, guests) = in_rooms.entry(room).or_default();
+                                    match kind {
+                                        Kind::Users => users.push(name),
+                                        Kind::Guests => guests.push(name),
+                                    }
+                                }
+                            }
+                        }
+                        let leaves = in_rooms
+                            .iter()
+                            .map(|(room, (users, guests))| redis.room_leave(connection.clone(), room, users, guests));
+                        updates = futures_util::future::try_join_all(leaves).await?;
+                    }
+                    Scope::Room(room) => {
+                        let (users, guests) = (visitors.names(Kind::Users), visitors.names(Kind::Guests));
+                        updates.push(redis.room_leave(connection.clone(), room, &users, &guests).await?);
+                        for kind in Kind::ALL {
+                            let names = visitors.names(kind);
+                            if names.is_empty() {
+                                continue;
+                            }
+                            let site = redis.keys.site(kind);
+                            redis
+                                .scripts
+                                .forget_memberships
+                                .key(&site.memberships_current)
+                                .key(&site.memberships_old)
+                                .arg(room.as_str())
+                                .arg(&names)
+                                .invoke_async::<()>(&mut connection.clone())
+                                .await?;
+                        }
+                    }
+                }
+                redis.index_rooms(connection, &updates, None).await
+            })
+            .await;
+        self.failed(removed)?;
+        // Only after the names are gone: a write that raced the Leave must
+        // not be remembered by anyone.
+        self.bus.invalidate(scope, visitors).await
+    }
+
+    async fn page(&self, scope: &Scope, kind: Kind, after: Option<&str>, size: usize) -> Result<KindPage, StoreError> {
+        let redis = &self.redis;
+        let keys = redis.kind_keys(scope, kind);
+        let result = redis
+            .bounded(|mut connection| async move {
+                let mut invocation = redis.scripts.page.prepare_invoke();
+                for key in &keys {
+                    invocation.key(key);
+                }
+                let (rotated, total, current, old): (u8, u64, Vec<String>, Vec<String>) = invocation
+                    .arg(redis.publish)
+                    .arg(redis.period)
+                    .arg(redis.keep_of(scope))
+                    .arg(after.unwrap_or(""))
+                    .arg(size)
+                    .invoke_async(&mut connection)
+                    .await?;
+                redis.rotated(scope, kind, rotated);
+                Ok(page_of(current, old, size, total))
+            })
+            .await;
+        self.failed(result)
+    }
+
+    async fn check(&self, scope: &Scope, kind: Kind, names: &[&str]) -> Result<Vec<bool>, StoreError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let redis = &self.redis;
+        let keys = redis.kind_keys(scope, kind);
+        let result = redis
+            .bounded(|mut connection| async move {
+                let mut invocation = redis.scripts.check.prepare_invoke();
+                for key in &keys {
+                    invocation.key(key);
+                }
+                let (rotated, online): (u8, Vec<u8>) = invocation
+                    .arg(redis.publish)
+                    .arg(redis.period)
+                    .arg(redis.keep_of(scope))
+                    .arg(names)
+                    .invoke_async(&mut connection)
+                    .await?;
+                redis.rotated(scope, kind, rotated);
+                Ok(online.into_iter().map(|o| o == 1).collect())
+            })
+            .await;
+        self.failed(result)
+    }
+
+    async fn last_seen(&self, users: &[&str]) -> Result<Vec<Option<u64>>, StoreError> {
+        let Some((_, retention)) = self.redis.last_seen else {
+            return Ok(vec![None; users.len()]);
+        };
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let redis = &self.redis;
+        let result = redis
+            .bounded(|mut connection| async move {
+                let seen: Vec<String> = redis
+                    .scripts
+                    .last_seen
+                    .key(&redis.keys.last_seen)
+                    .arg(redis.publish)
+                    .arg(retention)
+                    .arg(users)
+                    .invoke_async(&mut connection)
+                    .await?;
+                Ok(seen.into_iter().map(|at| at.parse().ok()).collect())
+            })
+            .await;
+        self.failed(result)
+    }
+
+    async fn rooms(
+        &self,
+        order: RoomOrder,
+        after: Option<&RoomsPageToken>,
+        size: usize,
+    ) -> Result<RoomsPage, StoreError> {
+        let redis = &self.redis;
+        let result = redis
+            .bounded(|mut connection| async move {
+                let index = &redis.keys.rooms;
+                let (order_arg, after_room, after_users) = match after {
+                    None => ("", "", 0),
+                    Some(RoomsPageToken::ByName { after }) => ("", after.as_str(), 0),
+                    Some(RoomsPageToken::ByUsers { users, after }) => ("", after.as_str(), *users),
+                };
+                let _ = order_arg;
+                let order_arg = match order {
+                    RoomOrder::Name => "name",
+                    RoomOrder::MostOnline => "users",
+                };
+                let raw: Vec<String> = redis
+                    .scripts
+                    .rooms_page
+                    .key(&index.names)
+                    .key(&index.users)
+                    .arg(order_arg)
+                    .arg(after_room)
+                    .arg(after_users)
+                    .arg(size)
+                    .invoke_async(&mut connection)
+                    .await?;
+                // By name: names; busiest first: name, count, name, count.
+                let listed: Vec<(String, u64)> = match order {
+                    RoomOrder::Name => raw.into_iter().map(|name| (name, 0)).collect(),
+                    RoomOrder::MostOnline => raw
+                        .chunks(2)
+                        .filter_map(|pair| match pair {
+                            [name, score] => Some((name.clone(), score.parse::<f64>().ok()? as u64)),
+                            _ => None,
+                        })
+                        .collect(),
+                };
+                let rooms: Vec<Room> = listed
+                    .iter()
+                    .filter_map(|(name, _)| Scope::parse(name.clone()).ok()?.room().cloned())
+                    .collect();
+                // The counts returned are read now, exactly; a room found
+                // empty leaves the index.
+                let updates = redis.refresh_rooms(connection, &rooms).await?;
+                let next = if listed.len() == size {
+                    listed.last().map(|(name, users)| match order {
+                        RoomOrder::Name => RoomsPageToken::ByName { after: name.clone() },
+                        RoomOrder::MostOnline => RoomsPageToken::ByUsers {
+                            users: *users,
+                            after: name.clone(),
+                        },
+                    })
+                } else {
+                    None
+                };
+                let rooms = updates
+                    .into_iter()
+                    .filter(|u| u.counts != Counts::default())
+                    .map(|u| RoomCount {
+                        room: u.room.as_str().to_owned(),
+                        counts: u.counts,
+                    })
+                    .collect();
+                Ok(RoomsPage { rooms, next })
+            })
+            .await;
+        self.failed(result)
+    }
+
+    async fn probe(&self) -> Result<Probe, StoreError> {
+        let redis = &self.redis;
+        let sent = Instant::now();
+        let samples = Kind::ALL.map(|kind| self.filter.sample(kind).unwrap_or_default());
+        let result = redis
+            .bounded(|connection| async move {
+                let probes = Kind::ALL.map(|kind| {
+                    let mut connection = connection.clone();
+                    let sample = samples[kind as usize].clone();
+                    async move {
+                        let mut invocation = redis.scripts.probe.prepare_invoke();
+                        for key in redis.keys.site(kind).nine() {
+                            invocation.key(key);
+                        }
+                        let answer: (u64, u64, u8, u64, u8) = invocation
+                            .arg(redis.publish)
+                            .arg(redis.period)
+                            .arg(sample)
+                            .invoke_async(&mut connection)
+                            .await?;
+                        Ok::<_, StoreError>(answer)
+                    }
+                });
+                let [users, guests] = probes;
+                Ok(tokio::try_join!(users, guests)?)
+            })
+            .await;
+        let (users, guests) = self.failed(result)?;
+        let (now, start, ..) = users;
+        self.filter.interval_seen(sent, now, start);
+        *lock(&self.interval) = Some(start);
+        if users.4 == 0 || guests.4 == 0 {
+            // A name written lately has vanished without an error: keys
+            // were flushed, evicted or lost in a failover.
+            tracing::warn!("keys vanished from Redis without an error; the repeat filter forgets");
+            self.filter.forget_all();
+        }
+        let mut probe = Probe::default();
+        for (kind, (_, _, rotated, total, _)) in [(Kind::Users, users), (Kind::Guests, guests)] {
+            probe.counts.set(kind, total);
+            self.redis.rotated(&Scope::Site, kind, rotated);
+        }
+        probe.rooms = self
+            .redis
+            .bounded(|mut connection| async move {
+                Ok(redis::cmd("ZCARD")
+                    .arg(&redis.keys.rooms.names)
+                    .query_async::<u64>(&mut connection)
+                    .await?)
+            })
+            .await
+            .ok();
+        Ok(probe)
+    }
+
+    async fn maintain(&self) -> Result<Maintenance, StoreError> {
+        let (rooms_swept, more_rooms) = self.sweep_step().await?;
+        let (last_seen_pruned, more_pruning) = self.prune_step().await?;
+        Ok(Maintenance {
+            rooms_swept,
+            last_seen_pruned,
+            more: more_rooms || more_pruning,
+        })
+    }
+
+    async fn follow(&self, scope: &Scope) -> Result<mpsc::Receiver<Change>, StoreError> {
+        Ok(self.bus.follow(scope, bus::change_channels(&self.redis, scope)).await)
+    }
+
+    async fn unfollow(&self, scope: &Scope) {
+        self.bus.unfollow(bus::change_channels(&self.redis, scope)).await;
+    }
+
+    async fn snapshot(&self, scope: &Scope, kind: Kind, n: usize) -> Result<Snapshot, StoreError> {
+        let redis = &self.redis;
+        let keys = redis.kind_keys(scope, kind);
+        let result = redis
+            .bounded(|mut connection| async move {
+                let mut invocation = redis.scripts.snapshot.prepare_invoke();
+                for key in &keys {
+                    invocation.key(key);
+                }
+                let (rotated, seq, total, current, old): (u8, u64, u64, Vec<String>, Vec<String>) = invocation
+                    .arg(redis.publish)
+                    .arg(redis.period)
+                    .arg(redis.keep_of(scope))
+                    .arg(n)
+                    .invoke_async(&mut connection)
+                    .await?;
+                redis.rotated(scope, kind, rotated);
+                Ok(Snapshot {
+                    seq,
+                    total,
+                    names: crate::domain::merge_sorted(current, old, n),
+                })
+            })
+            .await;
+        self.failed(result)
+    }
+
+    async fn keep_watched(&self, scope: &Scope) -> Result<(), StoreError> {
+        let redis = &self.redis;
+        for kind in Kind::ALL {
+            let keys = redis.kind_keys(scope, kind);
+            redis
+                .bounded(|mut connection| {
+                    let keys = keys.clone();
+                    async move {
+                        let mut invocation = redis.scripts.watch.prepare_invoke();
+                        for key in &keys {
+                            invocation.key(key);
+                        }
+                        let rotated: u8 = invocation
+                            .arg(redis.publish)
+                            .arg(redis.period)
+                            .arg(redis.keep_of(scope))
+                            .arg(millis(WATCHED_FOR))
+                            .invoke_async(&mut connection)
+                            .await?;
+                        redis.rotated(scope, kind, rotated);
+                        Ok(())
+                    }
+                })
+                .await?;
+            // Who left at the last rotation, in small steps: each is one
+            // short script, and Redis serves everyone else in between.
+            loop {
+                let drained: usize = redis
+                    .bounded(|mut connection| {
+                        let keys = keys.clone();
+                        async move {
+                            let mut invocation = redis.scripts.drain_leaving.prepare_invoke();
+                            for key in &keys {
+                                invocation.key(key);
+                            }
+                            Ok(invocation
+                                .arg(redis.publish)
+                                .arg(kind.as_str())
+                                .arg(DRAIN_STEP)
+                                .invoke_async(&mut connection)
+                                .await?)
+                        }
+                    })
+                    .await?;
+                if drained < DRAIN_STEP {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> super::Stats {
+        let (filter_skipped, filter_checked) = self.filter.counts();
+        super::Stats {
+            queue_names: self.queue.depth(),
+            filter_skipped,
+            filter_checked,
+            rotations: [0, 1].map(|k| self.redis.rotations[k].load(Ordering::Relaxed)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let address = self.redis.target.address();
+        match self.redis.target.mode {
+            RedisMode::Single => format!("Redis at {address}"),
+            RedisMode::Cluster => format!("Redis Cluster at {address} (seed node)"),
+            RedisMode::Sentinel => format!(
+                "Redis master {:?} via Sentinel at {address}",
+                self.redis.target.sentinel_master
+            ),
+        }
+    }
+
+    fn close(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
