@@ -54,3 +54,7 @@ ensure_grpcurl() {
     chmod +x "$GRPCURL"
     "$GRPCURL" -version >/dev/null 2>&1
 }
+
+# The private-Redis launcher's shell helpers: start_private_redis, free_ports.
+# shellcheck source=scripts/lib/redis.sh
+source "$(dirname "${BASH_SOURCE[0]}")/redis.sh"
