@@ -140,13 +140,17 @@ impl Process {
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{signal} {} failed", self.child.id());
+        assert!(send_signal(self.id(), signal), "kill -{signal} {} failed", self.id());
     }
+}
+
+/// `kill -SIGNAL PID`; whether it was delivered.
+pub fn send_signal(pid: u32, signal: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl Drop for Process {
@@ -154,10 +158,7 @@ impl Drop for Process {
         if self.paused.get() {
             // A stopped process would be killed too, but let it go on first,
             // so nothing is left stopped if the kill were refused.
-            let _ = Command::new("kill")
-                .arg("-CONT")
-                .arg(self.child.id().to_string())
-                .status();
+            send_signal(self.id(), "CONT");
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
