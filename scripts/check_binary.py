@@ -106,7 +106,9 @@ def main() -> int:
     notes = install.split("NOTES:", 1)[1]
 
     with tempfile.TemporaryDirectory() as tmp:
-        redis, redis_info = private_redis.start(dir=Path(tmp, "redis"), password=PASSWORD, redis_server=args.redis_server)
+        redis, redis_info = private_redis.start(
+            dir=Path(tmp, "redis"), password=PASSWORD, redis_server=args.redis_server
+        )
         redis_port = redis_info["port"]
         grpc_port, metrics_port = private_redis.free_ports(2)
         grpc_addr = f"127.0.0.1:{grpc_port}"

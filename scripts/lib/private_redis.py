@@ -221,12 +221,12 @@ keyUsage = critical, keyCertSign, cRLSign
 subjectKeyIdentifier = hash
 [server]
 basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
+keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth
 subjectAltName = {san}
 [client]
 basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
+keyUsage = critical, digitalSignature
 extendedKeyUsage = clientAuth
 """
 
@@ -282,18 +282,19 @@ def new_key(path: Path) -> None:
 
 
 def ca_pair(work: Path, config: Path, name: str, subject: str) -> None:
-    new_key(work / f"{name}.key")
-    openssl("req", "-x509", "-new", "-key", work / f"{name}.key", "-subj", f"/CN={subject}", "-days", DAYS,
-            "-config", config, "-extensions", "ca", "-out", work / f"{name}.pem")
+    key, cert = work / f"{name}.key", work / f"{name}.pem"
+    new_key(key)
+    openssl("req", "-x509", "-new", "-key", key, "-subj", f"/CN={subject}", "-days", DAYS,
+            "-config", config, "-extensions", "ca", "-out", cert)
 
 
 def leaf(work: Path, config: Path, name: str, ca: str, subject: str, extensions: str) -> None:
-    new_key(work / f"{name}.key")
-    csr = work / f"{name}.csr"
-    openssl("req", "-new", "-key", work / f"{name}.key", "-subj", f"/CN={subject}", "-config", config, "-out", csr)
+    key, csr, cert = work / f"{name}.key", work / f"{name}.csr", work / f"{name}.pem"
+    new_key(key)
+    openssl("req", "-new", "-key", key, "-subj", f"/CN={subject}", "-config", config, "-out", csr)
     openssl("x509", "-req", "-in", csr, "-CA", work / f"{ca}.pem", "-CAkey", work / f"{ca}.key",
             "-set_serial", f"0x{secrets.token_hex(16)}", "-days", DAYS,
-            "-extfile", config, "-extensions", extensions, "-out", work / f"{name}.pem")
+            "-extfile", config, "-extensions", extensions, "-out", cert)
 
 
 def start(
@@ -381,8 +382,11 @@ def resp(command: list[str]) -> bytes:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("free-port", help="print free loopback ports")

@@ -52,7 +52,8 @@ _start_private_redis_once() {
     done
     IFS=$'\x1f' read -r port socket url dir < <(python3 -c 'import json, sys
 info = json.load(open(sys.argv[1]))
-print("\x1f".join("" if info[k] is None else str(info[k]) for k in ("port", "socket", "url", "dir")))' "$announced" 2>/dev/null) || true
+fields = [info[k] for k in ("port", "socket", "url", "dir")]
+print("\x1f".join("" if f is None else str(f) for f in fields))' "$announced" 2>/dev/null) || true
     rm -f "$announced"
     if [ -n "$socket" ]; then cli+=(-s "$socket"); else cli+=(-h 127.0.0.1 -p "$port"); fi
     # It answers, and it is ours: on a port, someone else's could answer. A

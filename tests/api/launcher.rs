@@ -18,7 +18,7 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// `python3 scripts/lib/private_redis.py`, ready for a subcommand.
 pub fn launcher() -> Command {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib/private_redis.py");
-    let mut command = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned()));
+    let mut command = Command::new("python3");
     command.arg(script);
     command
 }

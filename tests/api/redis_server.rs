@@ -227,7 +227,6 @@ impl RedisServer {
         }
     }
 
-    /// Any reply counts, even an error such as NOAUTH: the server is up.
     /// It answers, and it is ours: on a port, someone else's Redis could
     /// answer too. A NOAUTH reply (a password among the args) counts.
     fn answers(&self) -> bool {
