@@ -29,7 +29,6 @@ import argparse
 import json
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,17 +38,14 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
+import private_redis  # noqa: E402 - the one private-Redis launcher, beside this script
+
 RELEASE = "rel"
 NAMESPACE = "presence-ns"
 # The private Redis requires this password, so the test also proves that a
 # URL with a password works and that the password never reaches the logs.
 PASSWORD = "smoke-Pa55word"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, predicate, timeout: float = 20.0, interval: float = 0.1):
@@ -110,27 +106,11 @@ def main() -> int:
     notes = install.split("NOTES:", 1)[1]
 
     with tempfile.TemporaryDirectory() as tmp:
-        redis_port = free_port()
-        redis = subprocess.Popen(
-            [
-                args.redis_server,
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                PASSWORD,
-                "--dir",
-                tmp,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        redis, redis_info = private_redis.start(
+            dir=Path(tmp, "redis"), password=PASSWORD, redis_server=args.redis_server
         )
-        grpc_port, metrics_port = free_port(), free_port()
+        redis_port = redis_info["port"]
+        grpc_port, metrics_port = private_redis.free_ports(2)
         grpc_addr = f"127.0.0.1:{grpc_port}"
 
         env = {"PATH": "/usr/bin:/bin", "HOSTNAME": "presence-smoke-0"}  # the container's: nothing else leaks in

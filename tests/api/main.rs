@@ -3,12 +3,16 @@
 //! one module per surface.
 
 mod backends;
+mod certs;
 mod cluster;
 mod helpers;
+mod infra;
+mod launcher;
 mod observability;
 mod outage;
 mod process;
 mod redis_cluster;
+mod redis_sentinel;
 mod redis_server;
 mod reflection;
 mod replicas;
