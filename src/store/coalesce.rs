@@ -18,8 +18,9 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
 };
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::{
@@ -50,12 +51,18 @@ pub trait SendBatch: Send + Sync + 'static {
 pub struct ReportQueue {
     queue: mpsc::UnboundedSender<Waiting>,
     queued: Arc<AtomicUsize>,
+    /// How long one call to the store may take: a caller whose report
+    /// was sent and is still waiting past its deadline is waiting on the
+    /// store, not on the queue.
+    timeout: Duration,
 }
 
 struct Waiting {
     scope: Scope,
     visitors: Visitors,
     deadline: Instant,
+    /// Set once the report is in a call to the store.
+    sent: Arc<AtomicBool>,
     done: oneshot::Sender<Result<Arc<Written>, Arc<StoreError>>>,
 }
 
@@ -74,7 +81,7 @@ impl Waiting {
 impl ReportQueue {
     /// `in_flight` is how many coalesced calls may be outstanding at once
     /// (about the number of Redis connections).
-    pub fn new(sender: Arc<dyn SendBatch>, in_flight: usize) -> Self {
+    pub fn new(sender: Arc<dyn SendBatch>, in_flight: usize, timeout: Duration) -> Self {
         let (queue, waiting) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         tokio::spawn(dispatch(
@@ -83,7 +90,7 @@ impl ReportQueue {
             Arc::new(Semaphore::new(in_flight.max(1))),
             queued.clone(),
         ));
-        Self { queue, queued }
+        Self { queue, queued, timeout }
     }
 
     /// Names waiting now, for the gauge.
@@ -106,10 +113,12 @@ impl ReportQueue {
             return Err(StoreError::Overloaded);
         }
         let (done, outcome) = oneshot::channel();
+        let sent = Arc::new(AtomicBool::new(false));
         let waiting = Waiting {
             scope,
             visitors,
             deadline,
+            sent: sent.clone(),
             done,
         };
         if self.queue.send(waiting).is_err() {
@@ -120,6 +129,9 @@ impl ReportQueue {
             Ok(Ok(Ok(written))) => Ok(written),
             Ok(Ok(Err(shared))) => Err(StoreError::Shared(shared)),
             Ok(Err(_)) => Err(StoreError::QueueClosed),
+            // Still in the queue: the service is behind. In a call: the
+            // store is slow.
+            Err(_) if sent.load(Ordering::Acquire) => Err(StoreError::Timeout(self.timeout)),
             Err(_) => Err(StoreError::Expired),
         }
     }
@@ -163,6 +175,7 @@ async fn dispatch(
                 break;
             } else {
                 names += item.names();
+                item.sent.store(true, Ordering::Release);
                 batch.push(item);
             }
             if names < MAX_NAMES_PER_CALL {
@@ -197,7 +210,6 @@ mod tests {
     use super::*;
     use crate::domain::Username;
     use std::sync::Mutex;
-    use std::time::Duration;
 
     /// Records what it was sent; each call takes `delay`.
     struct Recorder {
@@ -244,7 +256,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_reports_are_all_answered_in_few_calls() {
         let sender = recorder(Duration::from_millis(5));
-        let queue = Arc::new(ReportQueue::new(sender.clone(), 1));
+        let queue = Arc::new(ReportQueue::new(sender.clone(), 1, Duration::from_secs(5)));
         let deadline = Instant::now() + Duration::from_secs(10);
         let calls: Vec<_> = (0..200)
             .map(|i| {
@@ -264,7 +276,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_refuses_at_once() {
         let sender = recorder(Duration::from_secs(3600));
-        let queue = Arc::new(ReportQueue::new(sender.clone(), 1));
+        let queue = Arc::new(ReportQueue::new(sender.clone(), 1, Duration::from_secs(5)));
         let deadline = Instant::now() + Duration::from_secs(3600);
         // One call in flight holds the only slot; the queue fills behind it
         // (and what does not fit is refused).
@@ -290,7 +302,7 @@ mod tests {
     #[tokio::test]
     async fn work_whose_caller_gave_up_never_reaches_the_store() {
         let sender = recorder(Duration::from_millis(200));
-        let queue = Arc::new(ReportQueue::new(sender.clone(), 1));
+        let queue = Arc::new(ReportQueue::new(sender.clone(), 1, Duration::from_secs(5)));
         let far = Instant::now() + Duration::from_secs(10);
         // The first call occupies the slot for 200 ms...
         let first = tokio::spawn({

@@ -382,7 +382,8 @@ mod tests {
     use crate::domain::Username;
 
     const T: Duration = Duration::from_secs(60);
-    const START: u64 = 1_800_000_000_000 - 1_800_000_000_000 % 60_000;
+    // A multiple of T, as an interval start is.
+    const START: u64 = 1_800_000_000_000;
 
     fn users(names: &[&str]) -> Visitors {
         Visitors {

@@ -68,6 +68,7 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
 /// Everyone online in a scope, read page by page to the end: users,
 /// guests, and the counts of the last page.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[allow(dead_code)]
 pub struct Everyone {
     pub users: Vec<String>,
     pub guests: Vec<String>,
@@ -76,6 +77,7 @@ pub struct Everyone {
     pub pages: usize,
 }
 
+#[allow(dead_code)]
 impl TestApp {
     pub async fn report_user(&self, name: &str) -> Result<(), tonic::Status> {
         self.report_user_in(name, "").await

@@ -44,7 +44,8 @@ async fn metrics_count_calls_by_method_and_code_and_show_who_is_online() {
         handled("ReportGuest", "OK", 1),
         handled("ListOnline", "OK", 1),
         "presence_online{kind=\"guests\"} 1".to_owned(),
-        "presence_ticks_total{kind=\"users\"} 1".to_owned(),
+        "presence_tick_interval_seconds 300".to_owned(),
+        "presence_ready 1".to_owned(),
         "grpc_server_handling_seconds_count{grpc_type=\"unary\",grpc_service=\"presence.v1.Presence\",grpc_method=\"ReportUser\"} 3".to_owned(),
     ] {
         assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");

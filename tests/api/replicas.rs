@@ -129,31 +129,3 @@ async fn a_name_reported_again_and_again_through_three_replicas_stays_listed_one
     )
     .await;
 }
-
-/// A lease left without an expiry (set by hand, say) must not stop the
-/// rotation for good: the next tick gives it one.
-#[tokio::test]
-async fn a_lease_without_an_expiry_does_not_stop_the_rotation() {
-    let redis = RedisServer::start();
-    let mut direct = redis.connection().expect("a direct connection");
-    for kind in ["users", "guests"] {
-        let _: () = redis::cmd("SET")
-            .arg(format!("{{presence:{kind}}}:rotation-lease"))
-            .arg("someone")
-            .query(&mut direct)
-            .expect("SET");
-    }
-    let interval = Duration::from_millis(500);
-    let mut settings = settings(Some(redis.url()));
-    settings.tick_interval = interval;
-    let app = spawn_app(settings).await;
-    crate::helpers::eventually(
-        "a rotation despite the stuck lease",
-        Duration::from_secs(10),
-        || async {
-            let metrics = app.scrape().await;
-            (rotations(&metrics, "users") >= 1 && rotations(&metrics, "guests") >= 1).then_some(())
-        },
-    )
-    .await;
-}

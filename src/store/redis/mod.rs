@@ -231,8 +231,13 @@ impl Redis {
         for key in self.keys.site(kind).nine() {
             invocation.key(key);
         }
-        invocation.key(&self.keys.last_seen);
+        // Guests have no last seen; their script must still name keys of
+        // their own slot only.
         let record = kind == Kind::Users && self.last_seen.is_some();
+        invocation.key(match kind {
+            Kind::Users => &self.keys.last_seen,
+            Kind::Guests => &self.keys.site(kind).kind.current,
+        });
         let (start, rotated): (u64, u8) = invocation
             .arg(self.publish)
             .arg(self.period)
@@ -469,7 +474,7 @@ impl RedisStore {
         let stop = CancellationToken::new();
         let in_flight = usize::try_from(config.pool_size).unwrap_or(1);
         Ok(Self {
-            queue: ReportQueue::new(redis.clone(), in_flight),
+            queue: ReportQueue::new(redis.clone(), in_flight, timeout),
             bus: Bus::start(redis.clone(), filter.clone(), stop.clone()),
             redis,
             filter,
