@@ -13,7 +13,8 @@
 //! - [`startup`]: builds the [`Application`] from [`Settings`], binds its
 //!   listeners and runs it until a shutdown signal; [`shutdown`] waits for
 //!   SIGTERM or SIGINT. `limits` maps an oversized request to the status
-//!   gRPC clients expect.
+//!   gRPC clients expect; `ageing` closes connections past their age and
+//!   grace.
 //! - `service`: the `presence.v1.Presence` gRPC service. It turns wire
 //!   requests into domain values and failures into gRPC statuses (`error`),
 //!   within each client's deadline.
@@ -31,6 +32,7 @@
 //! - `metrics`: Prometheus counters and histograms, served over HTTP.
 //! - [`settings`] and [`telemetry`]: configuration and logs.
 
+mod ageing;
 pub mod domain;
 mod error;
 mod health;

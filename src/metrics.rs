@@ -52,6 +52,7 @@ struct Inner {
     watch_resyncs: Counter,
     rooms_swept: Counter,
     last_seen_pruned: Counter,
+    connections: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -142,6 +143,7 @@ impl Metrics {
         let watch_resyncs = Counter::default();
         let rooms_swept = Counter::default();
         let last_seen_pruned = Counter::default();
+        let connections = Counter::default();
         registry.register("grpc_server_started", "RPCs started on the server", started.clone());
         registry.register(
             "grpc_server_handled",
@@ -233,6 +235,11 @@ impl Metrics {
             "Last-seen entries removed after the retention",
             last_seen_pruned.clone(),
         );
+        registry.register(
+            "presence_grpc_connections",
+            "Client connections accepted on the gRPC port",
+            connections.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -255,6 +262,7 @@ impl Metrics {
                 watch_resyncs,
                 rooms_swept,
                 last_seen_pruned,
+                connections,
             }),
         }
     }
@@ -373,6 +381,10 @@ impl Metrics {
     pub fn maintained(&self, rooms_swept: u64, last_seen_pruned: u64) {
         self.inner.rooms_swept.inc_by(rooms_swept);
         self.inner.last_seen_pruned.inc_by(last_seen_pruned);
+    }
+
+    pub fn connection_accepted(&self) {
+        self.inner.connections.inc();
     }
 
     /// The text exposition of every series.

@@ -37,9 +37,11 @@ pub const MAX_BATCH_ENTRIES: usize = 1000;
 /// How many bad entries an error message lists before it says "and N more".
 const MAX_LISTED_ERRORS: usize = 10;
 
-/// A call ends this much before the client's deadline, so that the client
-/// gets our `DEADLINE_EXCEEDED` rather than the transport's own timeout.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
+/// A call ends a little before the client's deadline (a tenth of it,
+/// between these bounds), so that our `DEADLINE_EXCEEDED` reaches the
+/// client before its own timer fires: some clients (tonic's) report their
+/// own timer as `CANCELLED`.
+const DEADLINE_MARGIN: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(50));
 
 const SERVICE: &str = presence_server::SERVICE_NAME;
 
@@ -81,9 +83,15 @@ impl PresenceService {
     ) -> Result<Response<T>, Status> {
         let mut observed = Observed::start(&self.metrics, CallType::Unary, method);
         let result = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, call)
-                .await
-                .unwrap_or(Err(ApiError::DeadlineExceeded)),
+            Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
+                // The store may give up at the same instant, its own way:
+                // past the client's deadline, the deadline is the answer.
+                Ok(Err(ApiError::Unavailable(_) | ApiError::Overloaded)) if Instant::now() >= deadline => {
+                    Err(ApiError::DeadlineExceeded)
+                }
+                Ok(result) => result,
+                Err(_) => Err(ApiError::DeadlineExceeded),
+            },
             None => call.await,
         };
         match &result {
@@ -173,7 +181,8 @@ impl Drop for Observed<'_> {
 pub fn deadline_of(metadata: &MetadataMap) -> Option<Instant> {
     let timeout = metadata.get("grpc-timeout")?.to_str().ok()?;
     let timeout = parse_grpc_timeout(timeout)?;
-    Some(Instant::now() + timeout.saturating_sub(DEADLINE_MARGIN))
+    let margin = (timeout / 10).clamp(DEADLINE_MARGIN.0, DEADLINE_MARGIN.1);
+    Some(Instant::now() + timeout.saturating_sub(margin))
 }
 
 /// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).

@@ -87,6 +87,15 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_shutdown_grace)]
     pub max_connection_age_grace: Duration,
 
+    /// How often an idle client connection is pinged (HTTP/2 PING).
+    #[arg(long, env = "PRESENCE_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_keepalive)]
+    pub http2_keepalive_interval: Duration,
+
+    /// A connection whose client does not answer a ping within this is
+    /// closed: a dead client is noticed within interval + timeout.
+    #[arg(long, env = "PRESENCE_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_keepalive)]
+    pub http2_keepalive_timeout: Duration,
+
     /// After SIGTERM or SIGINT, how long in-flight calls may take to finish.
     #[arg(long, env = "PRESENCE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_shutdown_grace)]
     pub shutdown_grace: Duration,
@@ -153,6 +162,8 @@ impl Settings {
             max_concurrent_streams: 256,
             max_connection_age: Duration::from_secs(600),
             max_connection_age_grace: Duration::from_secs(30),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
         }
@@ -226,6 +237,10 @@ fn parse_last_seen_retention(text: &str) -> Result<Duration, String> {
 
 fn parse_watch_interval(text: &str) -> Result<Duration, String> {
     parse_duration_between(text, Duration::from_millis(10), Duration::from_secs(60))
+}
+
+fn parse_keepalive(text: &str) -> Result<Duration, String> {
+    parse_duration_between(text, Duration::from_millis(100), Duration::from_secs(3600))
 }
 
 fn parse_connection_age(text: &str) -> Result<Duration, String> {

@@ -4,11 +4,13 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
+use crate::ageing::Aged;
 use crate::error::OutageLog;
 use crate::limits::RequestSizeLayer;
 use crate::metrics::{self, Metrics};
@@ -22,12 +24,6 @@ use crate::{health, keeper};
 /// Probes idle client connections, so that the sockets of clients that
 /// vanished without closing (a crashed node, a dropped NAT entry) are freed.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
-/// HTTP/2 pings on every client connection: a peer that does not answer
-/// within the timeout is gone, so a dead connection is noticed within
-/// interval + timeout (under a minute).
-const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The largest request accepted: well above the largest valid call (a
 /// `ReportBatch` of 1000 names of 256 bytes is about 260 KB), far below
@@ -145,9 +141,17 @@ impl Application {
         // Nagle's algorithm would hold small responses back until the
         // client's delayed ACK, 40 ms later. (Server::tcp_nodelay does not
         // apply to a listener bound by the caller; this does.)
+        let counted = metrics.clone();
+        let (age, grace) = (settings.max_connection_age, settings.max_connection_age_grace);
         let incoming = TcpIncoming::from(grpc_listener)
             .with_nodelay(Some(true))
-            .with_keepalive(Some(TCP_KEEPALIVE));
+            .with_keepalive(Some(TCP_KEEPALIVE))
+            .map(move |accepted| {
+                accepted.map(|stream| {
+                    counted.connection_accepted();
+                    Aged::new(stream, age, grace)
+                })
+            });
         let presence = PresenceServer::new(PresenceService::new(
             store.clone(),
             metrics.clone(),
@@ -159,10 +163,13 @@ impl Application {
         let drain = CancellationToken::new();
         let server = Server::builder()
             .max_concurrent_streams(settings.max_concurrent_streams)
-            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            // HTTP/2 pings on every client connection: a peer that does not
+            // answer within the timeout is gone, so a dead connection is
+            // noticed within interval + timeout (under a minute by default).
+            .http2_keepalive_interval(Some(settings.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
+            // GOAWAY at the age; the grace is enforced by `Aged`.
             .max_connection_age(settings.max_connection_age)
-            .max_connection_age_grace(settings.max_connection_age_grace)
             .layer(RequestSizeLayer::new(MAX_REQUEST_BYTES))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use presence::proto::v1::ReportBatchRequest;
+use presence::{Settings, proto::v1::ReportBatchRequest};
 use tonic::Code;
 
 use crate::helpers::{TestApp, eventually, settings, spawn_ready_app, unique};
@@ -18,28 +18,35 @@ pub enum Backend {
 /// A running service on `backend`, and the Redis behind it (if any), which
 /// lives as long as the returned value.
 pub async fn start(backend: Backend, tick_interval: Duration) -> (TestApp, Option<RedisServer>) {
+    start_with(backend, |settings| settings.tick_interval = tick_interval).await
+}
+
+/// As [`start`], with settings of the test's choosing.
+pub async fn start_with(backend: Backend, configure: impl FnOnce(&mut Settings)) -> (TestApp, Option<RedisServer>) {
     let redis = match backend {
         Backend::Memory => None,
         Backend::Redis => Some(RedisServer::start()),
     };
     let mut settings = settings(redis.as_ref().map(RedisServer::url));
-    settings.tick_interval = tick_interval;
+    configure(&mut settings);
     let app = spawn_ready_app(settings).await;
     (app, redis)
 }
 
-const LONG: Duration = Duration::from_secs(300);
+pub const LONG: Duration = Duration::from_secs(300);
 
+/// Declares each test twice: on the in-memory store and on Redis.
 macro_rules! for_each_backend {
     ($($test:ident),* $(,)?) => {
         mod memory {
-            $(#[tokio::test] async fn $test() { super::$test(super::Backend::Memory).await })*
+            $(#[tokio::test] async fn $test() { super::$test(crate::backends::Backend::Memory).await })*
         }
         mod redis {
-            $(#[tokio::test] async fn $test() { super::$test(super::Backend::Redis).await })*
+            $(#[tokio::test] async fn $test() { super::$test(crate::backends::Backend::Redis).await })*
         }
     };
 }
+pub(crate) use for_each_backend;
 
 for_each_backend!(
     reported_users_are_listed_sorted_and_counted,

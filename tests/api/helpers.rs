@@ -19,14 +19,42 @@ use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
-/// A service running inside the test process. Dropping it shuts it down.
-pub struct TestApp {
+/// A client of one running service, wherever it runs (in this process or
+/// as the real binary): the calls, health, and the metrics endpoint.
+pub struct Api {
     pub grpc_address: SocketAddr,
     pub metrics_address: SocketAddr,
     pub client: PresenceClient<Channel>,
     pub health: HealthClient<Channel>,
+}
+
+impl Api {
+    pub fn new(grpc_address: SocketAddr, metrics_address: SocketAddr) -> Self {
+        let channel = Channel::from_shared(format!("http://{grpc_address}"))
+            .expect("a valid URI")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Self {
+            grpc_address,
+            metrics_address,
+            client: PresenceClient::new(channel.clone()),
+            health: HealthClient::new(channel),
+        }
+    }
+}
+
+/// A service running inside the test process. Dropping it shuts it down.
+pub struct TestApp {
+    api: Api,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 /// Settings for a test: loopback, free ports, and the given store.
@@ -51,15 +79,8 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
             .await
             .expect("the application runs");
     });
-    let channel = Channel::from_shared(format!("http://{grpc_address}"))
-        .expect("a valid URI")
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
     TestApp {
-        grpc_address,
-        metrics_address,
-        client: PresenceClient::new(channel.clone()),
-        health: HealthClient::new(channel),
+        api: Api::new(grpc_address, metrics_address),
         stop: Some(stop),
         task,
     }
@@ -78,7 +99,7 @@ pub struct Everyone {
 }
 
 #[allow(dead_code)]
-impl TestApp {
+impl Api {
     pub async fn report_user(&self, name: &str) -> Result<(), tonic::Status> {
         self.report_user_in(name, "").await
     }
@@ -186,6 +207,14 @@ impl TestApp {
             || async { matches!(self.health_of(service).await, Ok(status) if status == expected).then_some(()) },
         )
         .await
+    }
+
+    /// The value of one series in the metrics (0 if absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.scrape().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |value| value.trim().parse().expect("a number"))
     }
 
     /// The metrics endpoint's text.

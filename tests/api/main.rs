@@ -3,11 +3,13 @@
 //! one module per surface.
 
 mod backends;
+mod binary;
 mod certs;
 mod cluster;
 mod helpers;
 mod infra;
 mod launcher;
+mod lists;
 mod observability;
 mod outage;
 mod process;
@@ -16,4 +18,5 @@ mod redis_sentinel;
 mod redis_server;
 mod reflection;
 mod replicas;
+mod robustness;
 mod shutdown;

@@ -1,93 +1,15 @@
 //! The `presence` binary as a process: configuration, startup log, and a
 //! graceful exit on SIGTERM.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use tonic_health::pb::health_check_response::ServingStatus;
 
+use crate::binary::Binary;
 use crate::helpers::eventually;
 
-fn presence() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_presence"));
-    command
-        .env_clear()
-        .env("PRESENCE_LISTEN", "127.0.0.1:0")
-        .env("PRESENCE_METRICS_LISTEN", "127.0.0.1:0")
-        .env("PRESENCE_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info");
-    command
-}
-
-/// A running `presence` process, killed if the test ends early.
-struct Process {
-    child: Child,
-    logs: mpsc::Receiver<serde_json::Value>,
-}
-
-impl Process {
-    fn start(mut command: Command) -> Self {
-        let mut child = command
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("presence starts");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (send, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let event = serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line));
-                if send.send(event).is_err() {
-                    return;
-                }
-            }
-        });
-        Self { child, logs }
-    }
-
-    /// Waits for the log event whose message is `message`.
-    fn wait_for_log(&self, message: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.logs.recv_timeout(left) {
-                Ok(event) if event["message"] == message => return event,
-                Ok(_) => {}
-                Err(e) => panic!("no {message:?} log line: {e}"),
-            }
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    }
-
-    fn wait_for_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waitable") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "presence did not exit within {within:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn presence() -> std::process::Command {
+    crate::binary::command()
 }
 
 async fn health(address: &str, service: &str) -> Option<ServingStatus> {
@@ -105,8 +27,8 @@ async fn health(address: &str, service: &str) -> Option<ServingStatus> {
 
 #[tokio::test]
 async fn with_no_redis_it_serves_from_memory_says_so_and_exits_0_on_sigterm() {
-    let mut process = Process::start(presence());
-    let serving = process.wait_for_log("serving");
+    let mut process = Binary::spawn(presence());
+    let serving = process.wait_for_log("serving").await;
     let store = serving["store"].as_str().expect("the store is logged");
     assert!(store.contains("in-memory"), "{serving}");
     let address = serving["grpc_address"]
@@ -134,17 +56,19 @@ async fn with_no_redis_it_serves_from_memory_says_so_and_exits_0_on_sigterm() {
     .await;
 
     process.signal("TERM");
-    process.wait_for_log("shutting down: NOT_SERVING, draining in-flight calls");
-    let status = process.wait_for_exit(Duration::from_secs(15));
+    process
+        .wait_for_log("shutting down: NOT_SERVING, draining in-flight calls")
+        .await;
+    let status = process.wait_for_exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
 #[tokio::test]
 async fn sigint_also_stops_it_cleanly() {
-    let mut process = Process::start(presence());
-    process.wait_for_log("serving");
+    let mut process = Binary::spawn(presence());
+    process.wait_for_log("serving").await;
     process.signal("INT");
-    assert_eq!(process.wait_for_exit(Duration::from_secs(15)).code(), Some(0));
+    assert_eq!(process.wait_for_exit(Duration::from_secs(15)).await.code(), Some(0));
 }
 
 #[test]
