@@ -20,8 +20,8 @@
 //! `{P:room:E}:K:current`, `:K:old`, `:K:interval`, `:K:leaving`, `:K:seq`,
 //! `{P:room:E}:version` and `{P:room:E}:watched`, all expiring on their own
 //! a little after two intervals without a report. And the rooms index:
-//! `{P:rooms}:names` (rooms by name), `{P:rooms}:users` and `{P:rooms}:guests`
-//! (rooms by count), `{P:rooms}:versions`, `{P:rooms}:seen:START` (the rooms
+//! `{P:rooms}:names` (rooms by name), `{P:rooms}:users` (scored by minus
+//! the users online, so busiest first is ascending) and `{P:rooms}:guests`, `{P:rooms}:versions`, `{P:rooms}:seen:START` (the rooms
 //! reported into during the interval that starts at START, for the sweep)
 //! and `{P:rooms}:sweep` (which replica sweeps the rooms this interval).
 //!
@@ -386,7 +386,7 @@ local function catch_up(k, period, now, keep)
     local watching = redis.call('EXISTS', k.watched) == 1
     local keep_until = 0
     if keep > 0 then
-      keep_until = start + period
+      keep_until = start + keep
     end
     local one = since >= start - period
     retire(k.old, k.leaving, k.seq, watching, keep_until)
@@ -944,7 +944,8 @@ for i = 2, #ARGV, 4 do
       redis.call('HDEL', KEYS[4], room)
     else
       redis.call('ZADD', KEYS[1], 0, room)
-      redis.call('ZADD', KEYS[2], users, room)
+      -- Minus the count: ascending order is busiest first, ties by name.
+      redis.call('ZADD', KEYS[2], -users, room)
       redis.call('ZADD', KEYS[3], guests, room)
       redis.call('HSET', KEYS[4], room, version)
     end
@@ -960,13 +961,14 @@ return 1
 "#;
 
 /// One page of the rooms index: by name after a room, or busiest first from
-/// a rank. Busiest first starts after the last room returned if it still
-/// has the same count, else after every room that has more users; ties are
-/// in descending byte order (Redis's order for equal scores, reversed).
+/// a rank. The users index scores each room by minus its count, so that
+/// Redis's ascending order is busiest first with ties in byte order of the
+/// names. A page starts after the last room returned if it still has the
+/// same count, else after every room that has more users.
 ///
 /// `KEYS`: names, users. `ARGV`: order (`name`/`users`), after room (`""`
 /// from the start), its users count, n. Returns the room names in order;
-/// busiest first, each followed by its count in the index.
+/// busiest first, each followed by its score (minus its count).
 pub const ROOMS_PAGE_SCRIPT: &str = r#"
 local n = tonumber(ARGV[4])
 if ARGV[1] == 'name' then
@@ -978,15 +980,14 @@ if ARGV[1] == 'name' then
 end
 local from = 0
 if ARGV[2] ~= '' then
-  local users = tonumber(ARGV[3])
-  local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
-  if score == users then
-    from = redis.call('ZREVRANK', KEYS[2], ARGV[2]) + 1
+  local score = -tonumber(ARGV[3])
+  if tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2])) == score then
+    from = redis.call('ZRANK', KEYS[2], ARGV[2]) + 1
   else
-    from = redis.call('ZCOUNT', KEYS[2], '(' .. users, '+inf')
+    from = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. score)
   end
 end
-return redis.call('ZRANGE', KEYS[2], from, from + n - 1, 'REV', 'WITHSCORES')
+return redis.call('ZRANGE', KEYS[2], from, from + n - 1, 'WITHSCORES')
 "#;
 
 /// Takes the sweep of the rooms for the interval starting at `start`, once

@@ -134,6 +134,7 @@ impl Application {
         let watches = Arc::new(WatchHub::new(
             store.clone(),
             settings.watch_interval,
+            settings.tick_interval,
             metrics.clone(),
             background.clone(),
         ));

@@ -39,7 +39,8 @@ const BACKLOG: usize = 16;
 const MAX_PENDING_NAMES: usize = 10_000;
 
 /// How often a watched scope is marked as watched (and its rotation's
-/// leavers announced).
+/// leavers announced), at most: more often with short intervals, so that a
+/// rotation is announced soon after it happens.
 const KEEP_WATCHED_EVERY: Duration = Duration::from_secs(1);
 
 const SERVICE: &str = presence_server::SERVICE_NAME;
@@ -49,6 +50,8 @@ const METHOD: &str = "WatchOnline";
 pub struct WatchHub {
     store: Arc<dyn Store>,
     interval: Duration,
+    /// How often a watched scope is kept watched: see [`KEEP_WATCHED_EVERY`].
+    keep_every: Duration,
     metrics: Metrics,
     feeds: Mutex<HashMap<Scope, Arc<Feed>>>,
     /// Shutdown: every stream ends with UNAVAILABLE, at once.
@@ -85,10 +88,19 @@ struct Snap {
 }
 
 impl WatchHub {
-    pub fn new(store: Arc<dyn Store>, interval: Duration, metrics: Metrics, stop: CancellationToken) -> Self {
+    /// `interval`: how often watchers get changes; `tick`: the store's
+    /// interval *T*.
+    pub fn new(
+        store: Arc<dyn Store>,
+        interval: Duration,
+        tick: Duration,
+        metrics: Metrics,
+        stop: CancellationToken,
+    ) -> Self {
         Self {
             store,
             interval,
+            keep_every: KEEP_WATCHED_EVERY.min(tick / 4),
             metrics,
             feeds: Mutex::default(),
             stop,
@@ -151,10 +163,11 @@ impl WatchHub {
     ) {
         let mut following = self.store.follow(&scope).await.ok();
         let mut pending = Pending::default();
-        let mut ticks = tokio::time::interval(self.interval);
+        let mut ticks = tokio::time::interval(self.interval.min(self.keep_every));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_kept: Option<tokio::time::Instant> = None;
-        let mut idle_ticks = 0;
+        let mut last_flush = tokio::time::Instant::now();
+        let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 request = requests.recv() => {
@@ -188,19 +201,21 @@ impl WatchHub {
                             pending.gap = true;
                         }
                     }
-                    if last_kept.is_none_or(|at| at.elapsed() >= KEEP_WATCHED_EVERY) {
+                    if last_kept.is_none_or(|at| at.elapsed() >= self.keep_every) {
                         if let Err(error) = self.store.keep_watched(&scope).await {
                             tracing::debug!(%error, "cannot mark a watched scope");
                         }
                         last_kept = Some(tokio::time::Instant::now());
                     }
-                    self.flush(&scope, &feed, &mut pending).await;
-                    if feed.changes.receiver_count() == 0 {
-                        idle_ticks += 1;
-                    } else {
-                        idle_ticks = 0;
+                    if last_flush.elapsed() >= self.interval {
+                        self.flush(&scope, &feed, &mut pending).await;
+                        last_flush = tokio::time::Instant::now();
                     }
-                    if idle_ticks * self.interval >= self.interval.max(Duration::from_secs(1)) {
+                    if feed.changes.receiver_count() > 0 {
+                        idle_since = None;
+                    }
+                    let idle = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+                    if idle.elapsed() >= self.interval.max(Duration::from_secs(1)) {
                         let mut feeds = self.feeds();
                         // Checked under the lock new watchers subscribe under.
                         if feed.changes.receiver_count() == 0 {

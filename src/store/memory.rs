@@ -367,8 +367,8 @@ impl Store for MemoryStore {
             .filter(|room| room.counts != Counts::default())
             .collect();
         // The same orders as the Redis index: by name, or busiest first
-        // with ties in descending byte order.
-        let key = |r: &RoomCount| (std::cmp::Reverse(r.counts.users), std::cmp::Reverse(r.room.clone()));
+        // with ties by name.
+        let key = |r: &RoomCount| (std::cmp::Reverse(r.counts.users), r.room.clone());
         match order {
             RoomOrder::Name => rooms.sort_by(|a, b| a.room.as_bytes().cmp(b.room.as_bytes())),
             RoomOrder::MostOnline => rooms.sort_by_key(key),
@@ -377,7 +377,7 @@ impl Store for MemoryStore {
             None => 0,
             Some(RoomsPageToken::ByName { after }) => rooms.partition_point(|r| r.room.as_str() <= after.as_str()),
             Some(RoomsPageToken::ByUsers { users, after }) => {
-                rooms.partition_point(|r| key(r) <= (std::cmp::Reverse(*users), std::cmp::Reverse(after.clone())))
+                rooms.partition_point(|r| key(r) <= (std::cmp::Reverse(*users), after.clone()))
             }
         };
         let page: Vec<RoomCount> = rooms.iter().skip(start).take(size).cloned().collect();

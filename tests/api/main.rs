@@ -19,4 +19,6 @@ mod redis_server;
 mod reflection;
 mod replicas;
 mod robustness;
+mod rooms;
 mod shutdown;
+mod watch;

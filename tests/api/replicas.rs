@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::backends::assert_listed_for_one_interval_then_gone;
-use crate::helpers::{TestApp, settings, spawn_app, spawn_replicas};
+use crate::helpers::{TestApp, settings, spawn_app, spawn_replicas, unique};
 use crate::redis_server::RedisServer;
 
 fn rotations(metrics: &str, kind: &str) -> u64 {
@@ -128,4 +128,43 @@ async fn a_name_reported_again_and_again_through_three_replicas_stays_listed_one
         },
     )
     .await;
+}
+
+/// A report that starts after a `Leave` returned lists the name again,
+/// whichever replicas handle the two calls: no replica's repeat filter may
+/// skip it, though each had just skipped repeats of that very name.
+#[tokio::test]
+async fn a_report_after_a_leave_through_any_replica_lists_the_name_again() {
+    let redis = RedisServer::start();
+    let apps = spawn_replicas(3, settings(Some(redis.url()))).await;
+    let skipped = "presence_repeat_filter_skipped_total";
+    for leaver in 0..apps.len() {
+        for reporter in (0..apps.len()).filter(|r| *r != leaver) {
+            let name = format!("signs-out-{leaver}-{reporter}");
+            // Every replica remembers the name: its next report would be
+            // skipped.
+            for app in &apps {
+                let before = app.metric(skipped).await;
+                crate::helpers::eventually("the repeat to be skipped", Duration::from_secs(10), || async {
+                    app.report_user(&name).await.ok()?;
+                    (app.metric(skipped).await > before).then_some(())
+                })
+                .await;
+                // Written after it, so that the probe's look for a lately
+                // written name (which forgets all if that name vanished)
+                // cannot stand in for the Leave's invalidation.
+                app.report_user(&unique("decoy")).await.expect("reported");
+            }
+            apps[leaver].leave("", &[&name], &[]).await.expect("left");
+            assert!(
+                !apps[reporter].everyone().await.expect("listing").users.contains(&name),
+                "gone once Leave returned"
+            );
+            apps[reporter].report_user(&name).await.expect("reported");
+            assert!(
+                apps[leaver].everyone().await.expect("listing").users.contains(&name),
+                "{name}: a report through replica {reporter} after a Leave through {leaver} was skipped"
+            );
+        }
+    }
 }

@@ -810,13 +810,13 @@ impl Store for RedisStore {
                     .arg(size)
                     .invoke_async(&mut connection)
                     .await?;
-                // By name: names; busiest first: name, count, name, count.
+                // By name: names; busiest first: name, minus count, ….
                 let listed: Vec<(String, u64)> = match order {
                     RoomOrder::Name => raw.into_iter().map(|name| (name, 0)).collect(),
                     RoomOrder::MostOnline => raw
                         .chunks(2)
                         .filter_map(|pair| match pair {
-                            [name, score] => Some((name.clone(), score.parse::<f64>().ok()? as u64)),
+                            [name, score] => Some((name.clone(), (-score.parse::<f64>().ok()?) as u64)),
                             _ => None,
                         })
                         .collect(),

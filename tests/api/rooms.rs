@@ -1,0 +1,311 @@
+//! Rooms, on both stores: presence per forum or thread, as well as
+//! site-wide, and the busiest rooms.
+
+use std::time::{Duration, Instant};
+
+use presence::proto::v1::{
+    CountOnlineRequest, ListRoomsRequest, ListRoomsResponse, ReportBatchRequest, WatchOnlineRequest,
+};
+use tonic::Code;
+
+use crate::backends::{Backend, LONG, for_each_backend, start};
+use crate::helpers::{Api, eventually, unique};
+
+for_each_backend!(
+    a_report_into_a_room_lists_the_visitor_there_and_on_the_site,
+    a_bad_room_is_refused_naming_room_by_every_call_and_nothing_is_stored,
+    leaving_a_room_leaves_that_room_only_and_leaving_the_site_leaves_every_room,
+    rooms_are_listed_by_name_or_busiest_first_with_exact_counts_page_by_page,
+    a_room_keeps_the_window_of_the_site,
+);
+
+async fn rooms(api: &Api, order: i32, limit: u32, token: &str) -> ListRoomsResponse {
+    let request = ListRoomsRequest {
+        limit,
+        page_token: token.to_owned(),
+        order,
+    };
+    api.client
+        .clone()
+        .list_rooms(request)
+        .await
+        .expect("rooms")
+        .into_inner()
+}
+
+fn names(response: &ListRoomsResponse) -> Vec<(String, u64, u64)> {
+    response
+        .rooms
+        .iter()
+        .map(|r| (r.name.clone(), r.user_count, r.guest_count))
+        .collect()
+}
+
+async fn a_report_into_a_room_lists_the_visitor_there_and_on_the_site(backend: Backend) {
+    let (app, _redis) = start(backend, LONG).await;
+    app.report_user_in("ada", "forum/1").await.expect("reported");
+    app.report_guest_in("::ffff:10.0.0.7", "forum/1")
+        .await
+        .expect("reported");
+    app.report_user_in("bob", "forum/2").await.expect("reported");
+    app.report_user("cy").await.expect("reported");
+    let room = app.everyone_in("forum/1", 10).await.expect("listing");
+    assert_eq!(
+        (room.users, room.guests),
+        (vec!["ada".to_owned()], vec!["10.0.0.7".to_owned()])
+    );
+    assert_eq!(app.count("forum/1").await.expect("counts"), (1, 1));
+    assert_eq!(app.everyone_in("forum/2", 10).await.expect("listing").users, ["bob"]);
+    assert!(app.everyone_in("forum/3", 10).await.expect("listing").users.is_empty());
+    let site = app.everyone().await.expect("listing");
+    assert_eq!(
+        site.users,
+        ["ada", "bob", "cy"],
+        "the site lists everyone, wherever seen"
+    );
+    assert_eq!(site.guests, ["10.0.0.7"]);
+    let checked = app
+        .check("forum/1", &["ada", "bob"], &["10.0.0.7"])
+        .await
+        .expect("checked");
+    let online: Vec<bool> = checked.users.iter().map(|u| u.online).collect();
+    assert_eq!(online, [true, false], "online in this room");
+    assert!(checked.users[1].last_seen.is_some(), "last seen is site-wide");
+    assert!(checked.guests[0].online);
+    let batch = ReportBatchRequest {
+        usernames: vec!["dee".into()],
+        ip_addresses: vec!["10.0.0.8".into()],
+        room: "forum/2".into(),
+    };
+    app.client.clone().report_batch(batch).await.expect("reported");
+    assert_eq!(app.count("forum/2").await.expect("counts"), (2, 1));
+    // Paging in a room goes on by name, as on the site.
+    let page = app.page("forum/2", 1, "").await.expect("a page");
+    assert_eq!(page.users, ["bob"]);
+    let next = app.page("forum/2", 1, &page.next_page_token).await.expect("a page");
+    assert_eq!(next.users, ["dee"]);
+}
+
+async fn a_bad_room_is_refused_naming_room_by_every_call_and_nothing_is_stored(backend: Backend) {
+    let (app, _redis) = start(backend, LONG).await;
+    for bad in ["a\nb".to_owned(), "\0".to_owned(), "r".repeat(129)] {
+        let refusals = [
+            app.report_user_in("ada", &bad).await.err(),
+            app.report_guest_in("10.0.0.1", &bad).await.err(),
+            app.page(&bad, 10, "").await.err(),
+            app.count(&bad).await.err(),
+            app.check(&bad, &["ada"], &[]).await.err(),
+            app.leave(&bad, &["ada"], &[]).await.err(),
+            app.client
+                .clone()
+                .report_batch(ReportBatchRequest {
+                    usernames: vec!["ada".into()],
+                    room: bad.clone(),
+                    ..Default::default()
+                })
+                .await
+                .err(),
+            app.client
+                .clone()
+                .count_online(CountOnlineRequest { room: bad.clone() })
+                .await
+                .err(),
+            app.client
+                .clone()
+                .watch_online(WatchOnlineRequest { room: bad.clone() })
+                .await
+                .err(),
+        ];
+        for (i, refusal) in refusals.into_iter().enumerate() {
+            let status = refusal.unwrap_or_else(|| panic!("call {i} accepted room {bad:?}"));
+            assert_eq!(status.code(), Code::InvalidArgument, "call {i}");
+            assert!(status.message().starts_with("room: "), "call {i}: {}", status.message());
+        }
+    }
+    let a_room_of_128 = "r".repeat(128);
+    app.report_user_in("ada", &a_room_of_128)
+        .await
+        .expect("128 bytes is a room");
+    assert_eq!(
+        app.everyone().await.expect("listing").users,
+        ["ada"],
+        "only the valid report"
+    );
+}
+
+async fn leaving_a_room_leaves_that_room_only_and_leaving_the_site_leaves_every_room(backend: Backend) {
+    let (app, _redis) = start(backend, LONG).await;
+    for room in ["a", "b"] {
+        app.report_user_in("ada", room).await.expect("reported");
+        app.report_guest_in("10.0.0.1", room).await.expect("reported");
+    }
+    app.report_user_in("bob", "a").await.expect("reported");
+    app.leave("a", &["ada"], &["10.0.0.1"]).await.expect("left");
+    assert_eq!(app.everyone_in("a", 10).await.expect("listing").users, ["bob"]);
+    assert!(app.everyone_in("a", 10).await.expect("listing").guests.is_empty());
+    assert_eq!(
+        app.everyone_in("b", 10).await.expect("listing").users,
+        ["ada"],
+        "still in b"
+    );
+    assert_eq!(
+        app.everyone().await.expect("listing").users,
+        ["ada", "bob"],
+        "still on the site"
+    );
+    app.leave("", &["ada"], &["10.0.0.1"]).await.expect("left");
+    assert!(
+        app.everyone_in("b", 10).await.expect("listing").users.is_empty(),
+        "gone from every room"
+    );
+    assert!(app.everyone_in("b", 10).await.expect("listing").guests.is_empty());
+    assert_eq!(app.everyone().await.expect("listing").users, ["bob"]);
+    assert_eq!(app.everyone_in("a", 10).await.expect("listing").users, ["bob"]);
+    // Back in a room after leaving the site.
+    app.report_user_in("ada", "b").await.expect("reported");
+    assert_eq!(app.everyone_in("b", 10).await.expect("listing").users, ["ada"]);
+}
+
+async fn rooms_are_listed_by_name_or_busiest_first_with_exact_counts_page_by_page(backend: Backend) {
+    let (app, _redis) = start(backend, LONG).await;
+    for (room, users) in [("quiet", 1), ("busy", 5), ("middling", 3), ("also-3", 3)] {
+        for i in 0..users {
+            app.report_user_in(&format!("{room}-{i}"), room)
+                .await
+                .expect("reported");
+        }
+    }
+    app.report_guest_in("10.0.0.1", "quiet").await.expect("reported");
+    app.report_user_in("gone", "empty").await.expect("reported");
+    app.leave("empty", &["gone"], &[]).await.expect("left");
+
+    let by_name = rooms(&app, 1, 0, "").await;
+    assert_eq!(
+        names(&by_name),
+        [
+            ("also-3".to_owned(), 3, 0),
+            ("busy".to_owned(), 5, 0),
+            ("middling".to_owned(), 3, 0),
+            ("quiet".to_owned(), 1, 1)
+        ],
+        "only rooms with someone online, exact counts"
+    );
+    assert_eq!(by_name.next_page_token, "");
+    assert_eq!(
+        names(&rooms(&app, 0, 0, "").await),
+        names(&by_name),
+        "unspecified is by name"
+    );
+
+    let busiest: Vec<String> = names(&rooms(&app, 2, 0, "").await).into_iter().map(|r| r.0).collect();
+    assert_eq!(
+        busiest,
+        ["busy", "also-3", "middling", "quiet"],
+        "most users first, ties by name"
+    );
+
+    // Page by page, busiest first, two at a time: the same rooms.
+    let mut token = String::new();
+    let mut walked = Vec::new();
+    loop {
+        let page = rooms(&app, 2, 2, &token).await;
+        assert!(page.rooms.len() <= 2);
+        walked.extend(names(&page).into_iter().map(|r| r.0));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(walked, busiest);
+    // And a token of one order is refused by the other.
+    let by_users_token = rooms(&app, 2, 1, "").await.next_page_token;
+    let request = ListRoomsRequest {
+        limit: 1,
+        page_token: by_users_token,
+        order: 1,
+    };
+    let status = app
+        .client
+        .clone()
+        .list_rooms(request)
+        .await
+        .expect_err("another order's token");
+    assert!(status.message().starts_with("page_token: "), "{}", status.message());
+}
+
+async fn a_room_keeps_the_window_of_the_site(backend: Backend) {
+    let interval = Duration::from_millis(1500);
+    let (app, _redis) = start(backend, interval).await;
+    let name = unique("roomer");
+    let reported = Instant::now();
+    app.report_user_in(&name, "thread").await.expect("reported");
+    while reported.elapsed() < interval {
+        let listed = app.everyone_in("thread", 100).await.expect("listing").users;
+        if reported.elapsed() < interval {
+            assert!(
+                listed.contains(&name),
+                "gone from the room after {:?} < T",
+                reported.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually(
+        "the room to be empty after 2T",
+        2 * interval + Duration::from_secs(2),
+        || async {
+            app.everyone_in("thread", 100)
+                .await
+                .ok()?
+                .users
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(reported.elapsed() <= 2 * interval + Duration::from_secs(2));
+    assert!(
+        rooms(&app, 1, 0, "").await.rooms.is_empty(),
+        "an empty room is not listed"
+    );
+}
+
+/// A room nobody reported into for 2T leaves no key behind in Redis.
+#[tokio::test]
+async fn a_room_nobody_reported_into_for_two_intervals_has_no_keys_left() {
+    let interval = Duration::from_millis(1000);
+    let (app, redis) = start(Backend::Redis, interval).await;
+    let redis = redis.expect("a Redis");
+    app.report_user_in("ada", "ephemeral").await.expect("reported");
+    app.report_guest_in("10.0.0.1", "ephemeral").await.expect("reported");
+    let reported = Instant::now();
+    let mut direct = redis.connection().expect("a direct connection");
+    let keys = |direct: &mut ::redis::Connection| -> Vec<String> {
+        ::redis::cmd("KEYS")
+            .arg("{presence:room:ephemeral}*")
+            .query(direct)
+            .expect("KEYS")
+    };
+    assert!(!keys(&mut direct).is_empty(), "the room has keys while in use");
+    eventually(
+        "the room's keys to be gone",
+        2 * interval + Duration::from_secs(3),
+        || {
+            let left = keys(&mut direct);
+            async move { left.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        reported.elapsed() >= interval,
+        "gone too soon: {:?}",
+        reported.elapsed()
+    );
+    let index: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg("{presence:rooms}:names")
+        .arg(0)
+        .arg(-1)
+        .query(&mut direct)
+        .expect("ZRANGE");
+    assert!(index.is_empty(), "the index forgets it too: {index:?}");
+}
