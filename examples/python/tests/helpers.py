@@ -3,6 +3,8 @@
 import random
 import time
 
+from presence_client import OnlinePage
+
 
 def eventually(check, timeout: float = 3.0, interval: float = 0.02):
     """Polls `check` until it returns something truthy or `timeout` passes; returns its last result."""
@@ -27,3 +29,17 @@ def random_group() -> int:
 def by_bytes(names):
     """The server's order: ascending by UTF-8 bytes."""
     return sorted(names, key=lambda name: name.encode())
+
+
+def everyone(client, room: str = "", page_size: int = 0) -> OnlinePage:
+    """Everyone online in `room`, every page walked into one (with the last page's counts)."""
+    pages = list(client.iter_online(room=room, page_size=page_size))
+    users = [user for page in pages for user in page.users]
+    guests = [guest for page in pages for guest in page.guests]
+    return OnlinePage(users, guests, pages[-1].user_count, pages[-1].guest_count, "")
+
+
+def online(client, users=(), guests=(), room: str = "") -> bool:
+    """Whether all these users and guests are online in `room` (CheckOnline)."""
+    statuses = client.check_online(users, guests, room=room)
+    return all(status.online for status in statuses.users + statuses.guests)
