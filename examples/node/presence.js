@@ -303,7 +303,9 @@ async function main(argv) {
     else if (command === 'count') show(await presence.countOnline({ room }));
     else if (command === 'check') show(await presence.checkOnline(names));
     else if (command === 'leave') await presence.leave(names);
-    else if (command === 'rooms' && Object.hasOwn(ORDERS, order)) show(await presence.listRooms({ limit, pageToken, order }));
+    else if (command === 'rooms' && Object.hasOwn(ORDERS, order)) {
+      show(await presence.listRooms({ limit, pageToken, order }));
+    }
     else if (command === 'watch') {
       const stop = new AbortController();
       process.once('SIGINT', () => stop.abort()); // Ctrl-C: end the watch, then exit 130

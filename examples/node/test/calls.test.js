@@ -81,7 +81,10 @@ describe('Presence from Node: paging, counts, checks, leave, rooms', () => {
     await presence.reportUser(seen);
     await presence.reportGuest(v4);
 
-    const { users, guests } = await presence.checkOnline({ usernames: [never, seen], ipAddresses: [`::FFFF:${v4}`, absent] });
+    const { users, guests } = await presence.checkOnline({
+      usernames: [never, seen],
+      ipAddresses: [`::FFFF:${v4}`, absent],
+    });
     assert.deepEqual(users.map((u) => [u.username, u.online]), [[never, false], [seen, true]]);
     assert.equal(users[0].lastSeen, null);
     assert.ok(users[1].lastSeen instanceof Date);
@@ -140,7 +143,8 @@ describe('Presence from Node: paging, counts, checks, leave, rooms', () => {
 
     await presence.leave({ usernames: [user] });
     for (const where of ['', `${room}-a`, `${room}-b`]) {
-      assert.ok(!(await online(presence, { usernames: [user], room: where })), `still online in ${JSON.stringify(where)}`);
+      const still = await online(presence, { usernames: [user], room: where });
+      assert.ok(!still, `still online in ${JSON.stringify(where)}`);
     }
   });
 

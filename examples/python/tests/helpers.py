@@ -65,7 +65,11 @@ class Replica:
     def __init__(self, binary: str, log_path: Path):
         grpc_port, metrics_port = private_redis.free_ports(2)
         self.target = f"127.0.0.1:{grpc_port}"
-        self._env = {**os.environ, "PRESENCE_LISTEN": self.target, "PRESENCE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"}
+        self._env = {
+            **os.environ,
+            "PRESENCE_LISTEN": self.target,
+            "PRESENCE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        }
         self._binary, self._log_path = binary, log_path
         self._process: subprocess.Popen | None = None
 
