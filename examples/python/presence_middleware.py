@@ -18,6 +18,10 @@ request so that the middleware does not report the user again on the way out
 (the request may still carry the old REMOTE_USER); it is counted as a guest
 instead. We do not guess sign-outs from REMOTE_USER going missing: the
 middleware cannot tell one visitor's requests apart without their session.
+The throttle is forgotten in this process only: with several workers, a user
+who signs in again may wait out another worker's period before being listed.
+A visitor who moves to another room stays listed in the old one until it ages
+out (one to two tick intervals); only a sign-out leaves at once.
 With Django, connect the signal once (weak=False: a lambda would be collected):
 
     from django.contrib.auth.signals import user_logged_out
