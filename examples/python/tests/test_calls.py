@@ -217,6 +217,16 @@ def test_list_rooms_busiest_first_breaks_ties_by_name(client, unique):
     assert [room.name for room in busiest] == [f"{unique}-{r}" for r in "xyz"]
 
 
+def test_a_rooms_page_token_of_the_other_order_is_rejected(client, unique):
+    for room in ("a", "b"):
+        client.report_user(f"{unique}-{room}", room=f"{unique}-{room}")
+    token = client.list_rooms(1, order="name").next_page_token
+    assert token
+    error = rejected(lambda: client.list_rooms(1, page_token=token, order="most_online"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in error.details()
+
+
 def test_an_unknown_room_order_is_refused_before_calling(client):
     with pytest.raises(ValueError, match="most_online"):
         client.list_rooms(order="busiest")
