@@ -41,3 +41,17 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture
+def replica(tmp_path):
+    """A second server, started, on the same Redis as PRESENCE_TARGET's (helpers.Replica)."""
+    from helpers import Replica
+
+    binary = os.environ.get("PRESENCE_BIN")
+    if not binary or not os.environ.get("PRESENCE_REDIS_URL"):
+        pytest.fail("PRESENCE_BIN or PRESENCE_REDIS_URL is unset: run scripts/test-clients, which exports them")
+    server = Replica(binary, tmp_path / "replica.log")
+    server.start()
+    yield server
+    server.stop()

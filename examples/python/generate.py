@@ -7,6 +7,7 @@ beside this file. They are build output: gitignored, never edited, made again
 from the proto whenever the tests run (conftest.py calls generate()).
 """
 
+import importlib.resources
 import pathlib
 import sys
 
@@ -15,6 +16,9 @@ from grpc_tools import protoc
 HERE = pathlib.Path(__file__).resolve().parent
 PROTO_ROOT = HERE.parent.parent / "proto"
 PROTO = PROTO_ROOT / "presence" / "v1" / "presence.proto"
+# google/protobuf/timestamp.proto and the other well-known types ship inside
+# grpcio-tools; `python -m grpc_tools.protoc` adds them, protoc.main() does not.
+WELL_KNOWN = importlib.resources.files("grpc_tools") / "_proto"
 
 
 def generate(out: pathlib.Path = HERE) -> None:
@@ -24,6 +28,7 @@ def generate(out: pathlib.Path = HERE) -> None:
         [
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
+            f"-I{WELL_KNOWN}",
             f"--python_out={out}",
             f"--pyi_out={out}",
             f"--grpc_python_out={out}",

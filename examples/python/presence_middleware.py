@@ -2,11 +2,33 @@
 
     reporter = PresenceReporter(PresenceClient("presence:50051"))
     app = PresenceMiddleware(app, reporter)                      # any WSGI app
+    app = PresenceMiddleware(app, reporter, get_room=forum_of)   # and the room being viewed
     presence = django_middleware(reporter)                       # Django: list it in MIDDLEWARE
 
 Who is reported: the signed-in user (`environ["REMOTE_USER"]`, or your own
 `get_user(environ)`), else the guest's IP: REMOTE_ADDR, or an X-Forwarded-For
-hop if you say how many proxies in front of you to trust.
+hop if you say how many proxies in front of you to trust. Where: the room your
+`get_room(environ)` names (a forum, a thread; None or "" for the site only). A
+visitor reported into a room is online on the site too.
+
+Sign-outs: the app says so, from its logout view, with
+`reporter.signed_out(username, environ)`. It sends Leave, so the user is off
+every list at once rather than one to two tick intervals later, and marks this
+request so that the middleware does not report the user again on the way out
+(the request may still carry the old REMOTE_USER); it is counted as a guest
+instead. We do not guess sign-outs from REMOTE_USER going missing: the
+middleware cannot tell one visitor's requests apart without their session.
+The throttle is forgotten in this process only: with several workers, a user
+who signs in again may wait out another worker's period before being listed.
+A visitor who moves to another room stays listed in the old one until it ages
+out (one to two tick intervals); only a sign-out leaves at once.
+With Django, connect the signal once (weak=False: a lambda would be collected):
+
+    from django.contrib.auth.signals import user_logged_out
+    user_logged_out.connect(
+        lambda request, user, **_: user and reporter.signed_out(user.get_username(), request.META),
+        weak=False,
+    )
 
 Throttled per visitor with an in-process TTL cache rather than the classic
 recipe's 5-minute cookie. A cookie throttles only clients that keep cookies
@@ -21,6 +43,7 @@ Never in the way: a report is sent in the background (a gRPC future with a short
 deadline), so the web request does not wait for Presence, even a hung one. A
 failure is logged, and that visitor is tried again after `retry_after` seconds,
 not on every request, so an outage does not turn into a flood of doomed calls.
+A failed Leave is logged only: the user ages out as if it had never been sent.
 """
 
 from __future__ import annotations
@@ -37,8 +60,12 @@ import grpc
 log = logging.getLogger("presence")
 
 
+# The environ key that marks a request whose user signed out (see signed_out).
+SIGNED_OUT = "presence.signed_out"
+
+
 class PresenceReporter:
-    """Sends at most one report per visitor per `every` seconds, in the background."""
+    """Sends at most one report per visitor and room per `every` seconds, in the background."""
 
     def __init__(
         self,
@@ -55,19 +82,40 @@ class PresenceReporter:
         self.max_visitors = max_visitors
         self._clock = clock
         self._lock = threading.Lock()  # WSGI servers call us from many threads
-        # (kind, name) -> when it may be reported again; oldest report first.
-        self._due: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+        # (kind, name, room) -> when it may be reported again; oldest report first.
+        # The room is part of the key: a user reading two threads is in both.
+        self._due: collections.OrderedDict[tuple[str, str, str], float] = collections.OrderedDict()
 
-    def user(self, username: str) -> bool:
+    def user(self, username: str, room: str = "") -> bool:
         """Reports a signed-in user unless reported lately. True if a report was sent."""
-        return self._report("user", username, self._client.report_user_future)
+        return self._report(("user", username, room), self._client.report_user_future)
 
-    def guest(self, ip_address: str) -> bool:
+    def guest(self, ip_address: str, room: str = "") -> bool:
         """Reports a guest by IP unless reported lately. True if a report was sent."""
-        return self._report("guest", ip_address, self._client.report_guest_future)
+        return self._report(("guest", ip_address, room), self._client.report_guest_future)
 
-    def _report(self, kind: str, name: str, send) -> bool:
-        visitor = (kind, name)
+    def signed_out(self, username: str, environ: dict | None = None) -> bool:
+        """Takes a user who signed out off every list (Leave, on the site and so
+        in every room), in the background. Pass the request's environ (Django:
+        request.META) when calling from within a request, so that the
+        middleware counts that request as a guest's. True if Leave was sent."""
+        if environ is not None:
+            environ[SIGNED_OUT] = username
+        with self._lock:
+            # Forgotten, so that signing in again is reported at once. Sign-outs
+            # are rare next to page views: a scan of the (bounded) cache will do.
+            for visitor in [v for v in self._due if v[0] == "user" and v[1] == username]:
+                del self._due[visitor]
+        try:
+            future = self._client.leave_future([username], timeout=self.timeout)
+        except Exception:  # a closed channel, say: log it, never raise into the web request
+            log.exception("presence: could not send the sign-out of %r", username)
+            return False
+        future.add_done_callback(lambda done: self._left(username, done))
+        return True
+
+    def _report(self, visitor: tuple[str, str, str], send) -> bool:
+        kind, name, room = visitor
         now = self._clock()
         with self._lock:
             if now < self._due.get(visitor, now):
@@ -78,33 +126,50 @@ class PresenceReporter:
             while self._due and (len(self._due) > self.max_visitors or next(iter(self._due.values())) <= now):
                 self._due.popitem(last=False)
         try:
-            future = send(name, timeout=self.timeout)
+            future = send(name, room=room, timeout=self.timeout)
         except Exception:  # a closed channel, say: log it, never raise into the web request
-            log.exception("presence: could not report %s %r", kind, name)
+            log.exception("presence: could not report %s %r%s", kind, name, _in(room))
             self._retry_soon(visitor)
             return False
         future.add_done_callback(lambda done: self._finished(visitor, done))
         return True
 
-    def _finished(self, visitor: tuple[str, str], future) -> None:
+    def _finished(self, visitor: tuple[str, str, str], future) -> None:
         # Runs on a gRPC thread once the call is over.
-        try:
-            error = future.exception()
-        except Exception as cancelled:  # a cancelled future raises instead
-            error = cancelled
-        if error is None:
+        code, detail = _failure(future)
+        if detail is None:
             return
-        code = error.code() if isinstance(error, grpc.RpcError) else None
-        detail = f"{code.name}: {error.details()}" if code is not None else repr(error)
-        log.warning("presence: reporting %s %r failed: %s", *visitor, detail)
+        kind, name, room = visitor
+        log.warning("presence: reporting %s %r%s failed: %s", kind, name, _in(room), detail)
         # A rejected name stays rejected: only transient failures earn an early retry.
         if code != grpc.StatusCode.INVALID_ARGUMENT:
             self._retry_soon(visitor)
 
-    def _retry_soon(self, visitor: tuple[str, str]) -> None:
+    def _left(self, username: str, future) -> None:
+        _, detail = _failure(future)
+        if detail is not None:
+            log.warning("presence: the sign-out of %r failed: %s", username, detail)
+
+    def _retry_soon(self, visitor: tuple[str, str, str]) -> None:
         with self._lock:
             if visitor in self._due:
                 self._due[visitor] = min(self._due[visitor], self._clock() + self.retry_after)
+
+
+def _failure(future) -> tuple[grpc.StatusCode | None, str | None]:
+    """A finished call's status code and a line for the log; (None, None) if it succeeded."""
+    try:
+        error = future.exception()
+    except Exception as cancelled:  # a cancelled future raises instead
+        error = cancelled
+    if error is None:
+        return None, None
+    code = error.code() if isinstance(error, grpc.RpcError) else None
+    return code, f"{code.name}: {error.details()}" if code is not None else repr(error)
+
+
+def _in(room: str) -> str:
+    return f" in room {room!r}" if room else ""
 
 
 def remote_user(environ: dict) -> str | None:
@@ -134,19 +199,31 @@ def client_ip(environ: dict, trusted_proxies: int = 0) -> str | None:
 
 
 def report_visitor(
-    reporter: PresenceReporter, get_user: Callable[[], str | None], environ: dict, trusted_proxies: int
+    reporter: PresenceReporter,
+    get_user: Callable[[], str | None],
+    get_room: Callable[[], str | None],
+    environ: dict,
+    trusted_proxies: int,
 ) -> None:
-    """Reports the signed-in user if any, else the guest's IP. Logs, never raises."""
+    """Reports the signed-in user if any, else the guest's IP, in the room
+    `get_room` names. Logs, never raises."""
     try:
         user = get_user()
     except Exception:
         log.exception("presence: could not tell who is signed in; counting a guest")
         user = None
+    if user and environ.get(SIGNED_OUT) == user:
+        user = None  # this very request signed them out: reporting them would undo the Leave
+    try:
+        room = get_room() or ""
+    except Exception:
+        log.exception("presence: could not tell the room; counting the visitor on the site")
+        room = ""
     try:
         if user:
-            reporter.user(user)
+            reporter.user(user, room)
         elif (address := client_ip(environ, trusted_proxies)) is not None:
-            reporter.guest(address)
+            reporter.guest(address, room)
     except Exception:
         log.exception("presence: could not report this request's visitor")
 
@@ -160,33 +237,56 @@ class PresenceMiddleware:
         reporter: PresenceReporter,
         *,
         get_user: Callable[[dict], str | None] = remote_user,
+        get_room: Callable[[dict], str | None] | None = None,
         trusted_proxies: int = 0,
     ):
         self.app, self.reporter = app, reporter
-        self.get_user, self.trusted_proxies = get_user, trusted_proxies
+        self.get_user, self.get_room, self.trusted_proxies = get_user, get_room, trusted_proxies
 
     def __call__(self, environ, start_response):
         try:
             return self.app(environ, start_response)
         finally:
             # After the app ran, so `get_user` sees what inner middleware (an
-            # auth layer) put in environ; reporting costs the request nothing.
-            report_visitor(self.reporter, lambda: self.get_user(environ), environ, self.trusted_proxies)
+            # auth layer) put in environ, and a sign-out the app made is seen;
+            # reporting costs the request nothing.
+            report_visitor(
+                self.reporter,
+                lambda: self.get_user(environ),
+                lambda: self.get_room(environ) if self.get_room else None,
+                environ,
+                self.trusted_proxies,
+            )
 
 
-def django_middleware(reporter: PresenceReporter, *, trusted_proxies: int = 0):
+def django_middleware(
+    reporter: PresenceReporter,
+    *,
+    get_room: Callable[[object], str | None] | None = None,
+    trusted_proxies: int = 0,
+):
     """A Django middleware factory. In a module of yours:
 
-        presence = django_middleware(PresenceReporter(PresenceClient("presence:50051")))
+        presence = django_middleware(
+            PresenceReporter(PresenceClient("presence:50051")),
+            get_room=lambda request: request.resolver_match and request.resolver_match.kwargs.get("forum"),
+        )
 
     then add "yourapp.module.presence" to settings.MIDDLEWARE, below
-    AuthenticationMiddleware so that request.user is set. No Django import here.
+    AuthenticationMiddleware so that request.user is set. `get_room` takes
+    the request. No Django import here.
     """
 
     def middleware(get_response):
         def call(request):
             response = get_response(request)
-            report_visitor(reporter, lambda: _django_user(request), request.META, trusted_proxies)
+            report_visitor(
+                reporter,
+                lambda: _django_user(request),
+                lambda: get_room(request) if get_room else None,
+                request.META,
+                trusted_proxies,
+            )
             return response
 
         return call

@@ -4,30 +4,12 @@
 
 const assert = require('node:assert/strict');
 const { execFile } = require('node:child_process');
-const crypto = require('node:crypto');
 const net = require('node:net');
 const path = require('node:path');
 const { after, before, describe, it } = require('node:test');
 const { promisify } = require('node:util');
 const { PresenceClient, status } = require('../presence');
-
-const TARGET = process.env.PRESENCE_TARGET;
-
-const unique = () => `node-${crypto.randomBytes(6).toString('hex')}`;
-const randomByte = () => crypto.randomInt(1, 255);
-const randomIpv4 = () => `10.${randomByte()}.${randomByte()}.${randomByte()}`;
-const randomGroup = () => crypto.randomInt(0x1000, 0xffff);
-const byBytes = (names) => [...names].sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
-
-// Resolves to the gRPC error a call rejects with; fails if it succeeds.
-async function rejection(promise) {
-  try {
-    await promise;
-  } catch (error) {
-    return error;
-  }
-  assert.fail('the call succeeded');
-}
+const { TARGET, byBytes, everyone, randomGroup, randomIpv4, rejection, unique } = require('./helpers');
 
 describe('Presence from Node', () => {
   let presence;
@@ -42,7 +24,7 @@ describe('Presence from Node', () => {
   it('lists a reported user', async () => {
     const name = `${unique()}-alice`;
     await presence.reportUser(name);
-    assert.ok((await presence.listOnline()).users.includes(name));
+    assert.ok((await everyone(presence)).users.includes(name));
   });
 
   it('lists guests in canonical form', async () => {
@@ -50,7 +32,7 @@ describe('Presence from Node', () => {
     const group = randomGroup();
     await presence.reportGuest(`::ffff:${v4}`);
     await presence.reportGuest(`2001:DB8:${group.toString(16).toUpperCase()}::0001`);
-    const { guests } = await presence.listOnline();
+    const { guests } = await everyone(presence);
     assert.ok(guests.includes(v4), `${v4} not in ${guests}`);
     assert.ok(guests.includes(`2001:db8:${group.toString(16)}::1`));
     assert.ok(!guests.includes(`::ffff:${v4}`));
@@ -79,7 +61,7 @@ describe('Presence from Node', () => {
     const prefix = unique();
     const v4 = randomIpv4();
     await presence.reportBatch({ usernames: [`${prefix}-b`, `${prefix}-a`], ipAddresses: [v4] });
-    let online = await presence.listOnline();
+    let online = await everyone(presence);
     assert.ok(online.users.includes(`${prefix}-a`) && online.users.includes(`${prefix}-b`));
     assert.ok(online.guests.includes(v4));
 
@@ -87,7 +69,7 @@ describe('Presence from Node', () => {
     const error = await rejection(presence.reportBatch({ usernames: [`${prefix}-c`], ipAddresses: [other, 'nope'] }));
     assert.equal(error.code, status.INVALID_ARGUMENT, error.message);
     assert.match(error.details, /ip_addresses/);
-    online = await presence.listOnline();
+    online = await everyone(presence);
     assert.ok(!online.users.includes(`${prefix}-c`) && !online.guests.includes(other));
   });
 
@@ -97,28 +79,29 @@ describe('Presence from Node', () => {
     for (const name of names) await presence.reportUser(name);
     await presence.reportGuest(randomIpv4());
     await presence.reportGuest(`2001:db8::${randomGroup().toString(16)}`);
-    const { users, guests } = await presence.listOnline();
+    const { users, guests } = await everyone(presence);
     assert.deepEqual(users, byBytes(users));
     assert.deepEqual(guests, byBytes(guests));
     assert.deepEqual(users.filter((user) => user.startsWith(prefix)), byBytes(names));
   });
 
-  it('counts everyone, whatever the limit', async () => {
+  it('holds `limit` names of each kind in a page, with the counts of everyone', async () => {
     const prefix = unique();
     for (const name of ['a', 'b', 'c']) await presence.reportUser(`${prefix}-${name}`);
     await presence.reportGuest(randomIpv4());
     await presence.reportGuest(randomIpv4());
-    const everyone = await presence.listOnline();
-    assert.equal(typeof everyone.userCount, 'number');
-    assert.equal(everyone.userCount, everyone.users.length);
-    assert.equal(everyone.guestCount, everyone.guests.length);
-    assert.ok(everyone.userCount >= 3 && everyone.guestCount >= 2);
+    const walked = await everyone(presence);
+    assert.equal(typeof walked.userCount, 'number');
+    assert.equal(walked.userCount, walked.users.length);
+    assert.equal(walked.guestCount, walked.guests.length);
+    assert.ok(walked.userCount >= 3 && walked.guestCount >= 2);
 
-    const firstTwo = await presence.listOnline(2);
-    assert.deepEqual(firstTwo.users, everyone.users.slice(0, 2));
-    assert.deepEqual(firstTwo.guests, everyone.guests.slice(0, 2));
-    assert.equal(firstTwo.userCount, everyone.userCount);
-    assert.equal(firstTwo.guestCount, everyone.guestCount);
+    const firstTwo = await presence.listOnline({ limit: 2 });
+    assert.deepEqual(firstTwo.users, walked.users.slice(0, 2));
+    assert.deepEqual(firstTwo.guests, walked.guests.slice(0, 2));
+    assert.equal(firstTwo.userCount, walked.userCount);
+    assert.equal(firstTwo.guestCount, walked.guestCount);
+    assert.ok(firstTwo.nextPageToken);
   });
 
   it('fails fast with UNAVAILABLE when nothing listens', async () => {
@@ -144,7 +127,7 @@ describe('Presence from Node', () => {
     const cli = path.join(__dirname, '..', 'presence.js');
     const name = `${unique()}-cli`;
     await run(process.execPath, [cli, '--target', TARGET, 'user', name]);
-    const { stdout } = await run(process.execPath, [cli, '--target', TARGET, 'list']);
+    const { stdout } = await run(process.execPath, [cli, '--target', TARGET, 'list', '--all']);
     assert.ok(JSON.parse(stdout).users.includes(name));
     const error = await rejection(run(process.execPath, [cli, '--target', TARGET, 'user', ' bad']));
     assert.equal(error.code, 1);

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from helpers import by_bytes, random_group, random_ipv4
+from helpers import by_bytes, everyone, random_group, random_ipv4
 from presence_client import PresenceClient, main
 
 
@@ -18,13 +18,13 @@ def rejected(call) -> grpc.RpcError:
 
 def test_a_reported_user_is_listed(client, unique):
     client.report_user(f"{unique}-alice")
-    assert f"{unique}-alice" in client.list_online().users
+    assert f"{unique}-alice" in everyone(client).users
 
 
 def test_a_reported_guest_is_listed(client):
     address = random_ipv4()
     client.report_guest(address)
-    assert address in client.list_online().guests
+    assert address in everyone(client).guests
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_guests_are_listed_in_canonical_form(client, reported, listed):
     v4, group = random_ipv4(), random_group()
     reported, listed = reported.format(v4=v4, g=group), listed.format(v4=v4, g=group)
     client.report_guest(reported)
-    guests = client.list_online().guests
+    guests = everyone(client).guests
     assert listed in guests
     assert reported not in guests
 
@@ -63,7 +63,7 @@ def test_a_bad_username_is_rejected_naming_the_field(client, unique, username):
     error = rejected(lambda: client.report_user(username))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "username" in error.details()
-    assert not [user for user in client.list_online().users if unique in user], "a rejected name was stored"
+    assert not [user for user in everyone(client).users if unique in user], "a rejected name was stored"
 
 
 def test_a_name_of_exactly_256_bytes_is_accepted(client, unique):
@@ -71,7 +71,7 @@ def test_a_name_of_exactly_256_bytes_is_accepted(client, unique):
     username += "x" * (256 - len(username.encode()))
     assert len(username.encode()) == 256
     client.report_user(username)
-    assert username in client.list_online().users
+    assert username in everyone(client).users
 
 
 @pytest.mark.parametrize("address", ["", "1.2.3.4:80", "[2001:db8::1]", "2001:db8::1/64", "256.1.1.1", "localhost"])
@@ -84,7 +84,7 @@ def test_a_bad_address_is_rejected_naming_the_field(client, address):
 def test_a_batch_is_stored_whole(client, unique):
     v4, group = random_ipv4(), random_group()
     client.report_batch(usernames=[f"{unique}-b", f"{unique}-a"], ip_addresses=[v4, f"2001:DB8::{group:X}"])
-    online = client.list_online()
+    online = everyone(client)
     assert {f"{unique}-a", f"{unique}-b"} <= set(online.users)
     assert {v4, f"2001:db8::{group:x}"} <= set(online.guests)
 
@@ -94,7 +94,7 @@ def test_a_batch_with_one_bad_entry_stores_nothing(client, unique):
     error = rejected(lambda: client.report_batch(usernames=[f"{unique}-ok", " bad"], ip_addresses=[good_ip]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "usernames" in error.details()
-    online = client.list_online()
+    online = everyone(client)
     assert f"{unique}-ok" not in online.users
     assert good_ip not in online.guests
 
@@ -106,33 +106,33 @@ def test_lists_are_sorted_by_bytes(client, unique):
         client.report_user(name)
     client.report_guest(random_ipv4())
     client.report_guest(f"2001:db8::{random_group():x}")
-    online = client.list_online()
+    online = everyone(client)
     assert online.users == by_bytes(online.users)
     assert online.guests == by_bytes(online.guests)
     assert [user for user in online.users if user.startswith(unique)] == by_bytes(names)
 
 
-def test_a_limit_cuts_the_lists_but_not_the_counts(client, unique):
+def test_a_page_holds_limit_names_of_each_kind_and_the_counts_of_everyone(client, unique):
     for name in ("a", "b", "c"):
         client.report_user(f"{unique}-{name}")
     client.report_guest(random_ipv4())
     client.report_guest(random_ipv4())
 
-    everyone = client.list_online()
-    assert everyone.user_count == len(everyone.users) >= 3
-    assert everyone.guest_count == len(everyone.guests) >= 2
+    walked = everyone(client)
+    assert walked.user_count == len(walked.users) >= 3
+    assert walked.guest_count == len(walked.guests) >= 2
 
     first_two = client.list_online(limit=2)
-    assert first_two.users == everyone.users[:2]
-    assert first_two.guests == everyone.guests[:2]
-    assert (first_two.user_count, first_two.guest_count) == (everyone.user_count, everyone.guest_count)
+    assert first_two.users == walked.users[:2]
+    assert first_two.guests == walked.guests[:2]
+    assert (first_two.user_count, first_two.guest_count) == (walked.user_count, walked.guest_count)
+    assert first_two.next_page_token
 
 
 def test_reporting_again_does_not_count_twice(client, unique):
-    before = client.list_online().user_count
     for _ in range(3):
-        client.report_user(f"{unique}-again")
-    assert client.list_online().user_count == before + 1
+        client.report_user(f"{unique}-again", room=unique)
+    assert client.count_online(room=unique).user_count == 1
 
 
 @pytest.mark.parametrize("service", ["", "presence.v1.Presence"])
@@ -152,7 +152,7 @@ def test_an_unreachable_server_fails_fast_with_unavailable(closed_port):
 
 def test_the_command_line_reports_and_lists(target, unique, capsys):
     assert main(["--target", target, "user", f"{unique}-cli"]) == 0
-    assert main(["--target", target, "list"]) == 0
+    assert main(["--target", target, "list", "--all"]) == 0
     assert f'"{unique}-cli"' in capsys.readouterr().out
     assert main(["--target", target, "user", " bad"]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
