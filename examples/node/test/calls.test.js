@@ -171,11 +171,6 @@ describe('Presence from Node: paging, counts, checks, leave, rooms', () => {
 
   it(
     'breaks ties by name when busiest first',
-    {
-      todo:
-        "SERVER BUG: the proto says 'ties by name' (ascending, as every order in the proto); " +
-        'the server returns ties in descending byte order (keyspace.rs ROOMS_PAGE_SCRIPT, memory.rs)',
-    },
     async () => {
       const prefix = unique();
       for (const room of ['x', 'y', 'z']) {

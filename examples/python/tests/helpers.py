@@ -62,11 +62,13 @@ class Replica:
     (PRESENCE_BIN, PRESENCE_REDIS_URL, …), and a replica differs only in its
     ports. A test may stop it and start it again on the same port."""
 
-    def __init__(self, binary: str, log_path: Path):
+    def __init__(self, binary: str, log_path: Path, env: dict[str, str] | None = None):
         grpc_port, metrics_port = private_redis.free_ports(2)
         self.target = f"127.0.0.1:{grpc_port}"
+        self.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         self._env = {
             **os.environ,
+            **(env or {}),
             "PRESENCE_LISTEN": self.target,
             "PRESENCE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
         }
@@ -93,6 +95,16 @@ class Replica:
             self._process.kill()
             self._process.wait()
         self._process = None
+
+    def metric(self, series: str) -> float:
+        """One series' value on the replica's /metrics (0 if absent)."""
+        import urllib.request
+
+        text = urllib.request.urlopen(self.metrics, timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def _serving(self) -> bool:
         with grpc.insecure_channel(self.target) as channel:

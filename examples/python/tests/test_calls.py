@@ -205,11 +205,6 @@ def test_list_rooms_by_name_or_busiest_first_page_by_page(client, unique):
     assert [room.user_count for room in busiest_first] == sorted((r.user_count for r in busiest_first), reverse=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SERVER BUG: the proto says busiest first with 'ties by name' (ascending, as every order in the proto); "
-    "the server returns ties in descending byte order (keyspace.rs ROOMS_PAGE_SCRIPT, memory.rs)",
-)
 def test_list_rooms_busiest_first_breaks_ties_by_name(client, unique):
     for room in ("x", "y", "z"):
         client.report_batch(names(f"{unique}-{room}", 2), room=f"{unique}-{room}")
