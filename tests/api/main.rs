@@ -20,5 +20,6 @@ mod reflection;
 mod replicas;
 mod robustness;
 mod rooms;
+mod sentinel;
 mod shutdown;
 mod watch;
