@@ -859,14 +859,16 @@ return {
 /// rotation of a watched scope is announced on time.
 ///
 /// `KEYS`: the kind's 9 (site) or 7 (room) keys. `ARGV`: interval ms, keep
-/// ms, ttl ms. Returns 1 if this call rotated.
+/// ms, ttl ms. Returns `{rotated, was watched}`: if the mark had lapsed,
+/// changes went unannounced meanwhile, and watchers must resync.
 pub const WATCH_SCRIPT: &str = concat!(
     prelude!(),
     r#"
 local k = kind_at(KEYS, 1, #KEYS == 9)
+local was = redis.call('EXISTS', k.watched)
 redis.call('SET', k.watched, '1', 'PX', tonumber(ARGV[3]))
 local _, rotated = catch_up(k, tonumber(ARGV[1]), now_ms(), tonumber(ARGV[2]))
-return rotated
+return {rotated, was}
 "#
 );
 

@@ -162,15 +162,18 @@ impl WatchHub {
         mut requests: mpsc::UnboundedReceiver<oneshot::Sender<Result<Arc<Snap>, ApiError>>>,
     ) {
         let mut following = self.store.follow(&scope).await.ok();
+        // Marked as watched before any snapshot is read: a change after the
+        // snapshot is then always announced.
+        let mut marked = self.store.keep_watched(&scope).await.is_ok();
         let mut pending = Pending::default();
         let mut ticks = tokio::time::interval(self.interval.min(self.keep_every));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_kept: Option<tokio::time::Instant> = None;
+        let mut last_kept = marked.then(tokio::time::Instant::now);
         let mut last_flush = tokio::time::Instant::now();
         let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
-                request = requests.recv() => {
+                request = requests.recv(), if marked => {
                     let Some(first) = request else { break };
                     // Everyone asking now shares one read.
                     let mut waiting = vec![first];
@@ -202,8 +205,15 @@ impl WatchHub {
                         }
                     }
                     if last_kept.is_none_or(|at| at.elapsed() >= self.keep_every) {
-                        if let Err(error) = self.store.keep_watched(&scope).await {
-                            tracing::debug!(%error, "cannot mark a watched scope");
+                        match self.store.keep_watched(&scope).await {
+                            // The mark lapsed: changes went unannounced.
+                            Ok(all_along) => {
+                                if !all_along && marked {
+                                    pending.gap = true;
+                                }
+                                marked = true;
+                            }
+                            Err(error) => tracing::debug!(%error, "cannot mark a watched scope"),
                         }
                         last_kept = Some(tokio::time::Instant::now());
                     }
@@ -227,6 +237,8 @@ impl WatchHub {
                 () = self.stop.cancelled() => break,
             }
         }
+        // Dropped first: the store only forgets a follower that has gone.
+        drop(following);
         self.store.unfollow(&scope).await;
     }
 

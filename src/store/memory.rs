@@ -446,7 +446,11 @@ impl Store for MemoryStore {
     }
 
     async fn unfollow(&self, scope: &Scope) {
-        self.state().followers.remove(scope);
+        // Only a follower that has gone: a newer one may have taken its place.
+        let mut state = self.state();
+        if state.followers.get(scope).is_some_and(mpsc::Sender::is_closed) {
+            state.followers.remove(scope);
+        }
     }
 
     async fn snapshot(&self, scope: &Scope, kind: Kind, n: usize) -> Result<Snapshot, StoreError> {
@@ -464,12 +468,13 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn keep_watched(&self, scope: &Scope) -> Result<(), StoreError> {
+    async fn keep_watched(&self, scope: &Scope) -> Result<bool, StoreError> {
         let mut state = self.state();
         for kind in Kind::ALL {
             self.touch(&mut state, scope, kind, false);
         }
-        Ok(())
+        // A follower hears every change from the moment it follows.
+        Ok(true)
     }
 
     fn describe(&self) -> String {

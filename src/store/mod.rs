@@ -81,17 +81,20 @@ pub trait Store: Send + Sync + 'static {
     /// the receiver until [`Store::unfollow`].
     async fn follow(&self, scope: &Scope) -> Result<mpsc::Receiver<Change>, StoreError>;
 
-    /// Stops following `scope`.
+    /// Stops following `scope`, once the receiver [`Store::follow`] gave
+    /// has been dropped (a newer follower of the scope is kept).
     async fn unfollow(&self, scope: &Scope);
 
     /// The count and first `n` names of one kind, with the sequence number
     /// of the last change they include.
     async fn snapshot(&self, scope: &Scope, kind: Kind, n: usize) -> Result<Snapshot, StoreError>;
 
-    /// Called every second while a replica has watchers of `scope`: keeps
-    /// the scope marked as watched, brings it into the current interval,
-    /// and announces (in small steps) who left at its last rotation.
-    async fn keep_watched(&self, scope: &Scope) -> Result<(), StoreError>;
+    /// Called every second while a replica has watchers of `scope` (and
+    /// once before the first snapshot): keeps the scope marked as watched,
+    /// brings it into the current interval, and announces (in small steps)
+    /// who left at its last rotation. Answers whether the scope was marked
+    /// all along: if not, changes went unannounced meanwhile.
+    async fn keep_watched(&self, scope: &Scope) -> Result<bool, StoreError>;
 
     /// A word for logs: which backend this is.
     fn describe(&self) -> String;

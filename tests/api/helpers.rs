@@ -57,15 +57,27 @@ impl std::ops::Deref for TestApp {
     }
 }
 
-/// Settings for a test: loopback, free ports, and the given store.
+/// Settings for a test: loopback, free ports, and the given store. The
+/// Redis timeout is longer than the default: on a busy CI machine a test
+/// about something else must not fail on a slow answer (tests of the
+/// timeout set their own).
 pub fn settings(redis_url: Option<String>) -> Settings {
     Settings {
         redis_url: redis_url.map(RedisUrl::new),
+        redis_timeout: Duration::from_secs(2),
         ..Settings::for_tests()
     }
 }
 
 pub async fn spawn_app(settings: Settings) -> TestApp {
+    // PRESENCE_TEST_LOG=presence=debug shows the service's logs (off by
+    // default: tests stay quiet).
+    if let Ok(filter) = std::env::var("PRESENCE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let application = Application::build(settings).await.expect("the application builds");
     let grpc_address = application.grpc_address();
     let metrics_address = application.metrics_address();

@@ -9,8 +9,16 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use crate::helpers::{TestApp, eventually, settings, spawn_app, spawn_ready_app};
 use crate::redis_server::RedisServer;
 
-/// The promise to clients: a failing Redis is reported within this.
+/// The promise to clients: a failing Redis is reported within this, with
+/// the default Redis timeout.
 const UNAVAILABLE_BOUND: Duration = Duration::from_secs(1);
+
+/// The settings of these tests: the default Redis timeout (500 ms).
+fn on(redis: &RedisServer) -> presence::Settings {
+    let mut settings = settings(Some(redis.url()));
+    settings.redis_timeout = Duration::from_millis(500);
+    settings
+}
 
 /// Reports and listings fail with UNAVAILABLE within the bound, saying
 /// nothing of the store's internals.
@@ -35,7 +43,7 @@ async fn assert_calls_fail_fast(app: &TestApp) {
 #[tokio::test]
 async fn killing_redis_gives_unavailable_in_bounded_time_and_a_restart_recovers() {
     let mut redis = RedisServer::start();
-    let app = spawn_ready_app(settings(Some(redis.url()))).await;
+    let app = spawn_ready_app(on(&redis)).await;
     app.report_user("before")
         .await
         .expect("report accepted while Redis is up");
@@ -67,7 +75,7 @@ async fn killing_redis_gives_unavailable_in_bounded_time_and_a_restart_recovers(
 async fn a_service_started_while_redis_is_down_serves_once_it_is_up() {
     let mut redis = RedisServer::start();
     redis.kill();
-    let app = spawn_app(settings(Some(redis.url()))).await;
+    let app = spawn_app(on(&redis)).await;
     assert_eq!(app.health_of("").await.expect("health answers"), ServingStatus::Serving);
     app.wait_for_health("presence.v1.Presence", ServingStatus::NotServing)
         .await;
@@ -83,7 +91,7 @@ async fn a_service_started_while_redis_is_down_serves_once_it_is_up() {
 #[tokio::test]
 async fn a_redis_that_hangs_gives_unavailable_in_bounded_time_and_recovers_when_it_answers() {
     let redis = RedisServer::start();
-    let app = spawn_ready_app(settings(Some(redis.url()))).await;
+    let app = spawn_ready_app(on(&redis)).await;
     app.report_user("before")
         .await
         .expect("report accepted while Redis answers");
@@ -111,7 +119,7 @@ async fn a_redis_that_hangs_gives_unavailable_in_bounded_time_and_recovers_when_
 #[tokio::test]
 async fn after_redis_restarts_empty_a_repeated_report_is_stored_again() {
     let mut redis = RedisServer::start();
-    let app = spawn_ready_app(settings(Some(redis.url()))).await;
+    let app = spawn_ready_app(on(&redis)).await;
     // Once the filter trusts Redis (a ping came back), repeats are skipped.
     eventually("a repeat report to be skipped", Duration::from_secs(10), || async {
         app.report_user("regular").await.ok()?;

@@ -157,13 +157,17 @@ impl Bus {
     }
 
     async fn connect(&self, push: Arc<dyn AsyncPushSender>) -> Result<(), StoreError> {
+        // Held throughout, so that a `follow` either adds its channels
+        // before they are read here, or waits and subscribes them itself
+        // on the new connection: no channel is ever left out.
+        let mut slot = self.subscriber.lock().await;
         let mut subscriber = Subscriber::connect(&self.redis.target, push).await?;
         let mut channels = vec![self.shared.broadcast.clone(), self.own_channel.clone()];
         channels.extend(lock(&self.shared.followers).keys().cloned());
         tokio::time::timeout(self.redis.timeout, subscriber.subscribe(&channels))
             .await
             .map_err(|_| StoreError::Timeout(self.redis.timeout))??;
-        *self.subscriber.lock().await = Some(subscriber);
+        *slot = Some(subscriber);
         Ok(())
     }
 
@@ -325,15 +329,27 @@ impl Bus {
         receiver
     }
 
+    /// Stops following channels whose follower has gone (a newer follower
+    /// of the same scope keeps them).
     pub async fn unfollow(&self, channels: Vec<String>) {
-        {
+        let gone: Vec<String> = {
             let mut followers = lock(&self.shared.followers);
-            for channel in &channels {
-                followers.remove(channel);
-            }
+            channels
+                .into_iter()
+                .filter(|channel| match followers.get(channel) {
+                    Some((_, sender)) if sender.is_closed() => {
+                        followers.remove(channel);
+                        true
+                    }
+                    _ => false,
+                })
+                .collect()
+        };
+        if gone.is_empty() {
+            return;
         }
         if let Some(connection) = self.subscriber.lock().await.as_mut() {
-            let _ = tokio::time::timeout(self.redis.timeout, connection.unsubscribe(&channels)).await;
+            let _ = tokio::time::timeout(self.redis.timeout, connection.unsubscribe(&gone)).await;
         }
     }
 }

@@ -953,11 +953,12 @@ impl Store for RedisStore {
         self.failed(result)
     }
 
-    async fn keep_watched(&self, scope: &Scope) -> Result<(), StoreError> {
+    async fn keep_watched(&self, scope: &Scope) -> Result<bool, StoreError> {
         let redis = &self.redis;
+        let mut marked_all_along = true;
         for kind in Kind::ALL {
             let keys = redis.kind_keys(scope, kind);
-            redis
+            let was_watched: u8 = redis
                 .bounded(|mut connection| {
                     let keys = keys.clone();
                     async move {
@@ -965,7 +966,7 @@ impl Store for RedisStore {
                         for key in &keys {
                             invocation.key(key);
                         }
-                        let rotated: u8 = invocation
+                        let (rotated, was): (u8, u8) = invocation
                             .arg(redis.publish)
                             .arg(redis.period)
                             .arg(redis.keep_of(scope))
@@ -973,10 +974,11 @@ impl Store for RedisStore {
                             .invoke_async(&mut connection)
                             .await?;
                         redis.rotated(scope, kind, rotated);
-                        Ok(())
+                        Ok(was)
                     }
                 })
                 .await?;
+            marked_all_along &= was_watched == 1;
             // Who left at the last rotation, in small steps: each is one
             // short script, and Redis serves everyone else in between.
             loop {
@@ -1003,7 +1005,7 @@ impl Store for RedisStore {
                 tokio::task::yield_now().await;
             }
         }
-        Ok(())
+        Ok(marked_all_along)
     }
 
     fn stats(&self) -> super::Stats {
