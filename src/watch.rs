@@ -173,18 +173,35 @@ impl WatchHub {
         let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
-                request = requests.recv(), if marked => {
+                request = requests.recv() => {
                     let Some(first) = request else { break };
                     // Everyone asking now shares one read.
                     let mut waiting = vec![first];
                     while let Ok(more) = requests.try_recv() {
                         waiting.push(more);
                     }
-                    let snap = self.snapshot(&scope).await.map(Arc::new);
+                    // Marked as watched before the snapshot is read, or no
+                    // snapshot at all: the store cannot be followed now.
+                    if !marked {
+                        match self.store.keep_watched(&scope).await {
+                            Ok(_) => {
+                                marked = true;
+                                last_kept = Some(tokio::time::Instant::now());
+                            }
+                            Err(error) => {
+                                let error = Arc::new(error);
+                                for reply in waiting {
+                                    let _ = reply.send(Err(ApiError::from(StoreError::Shared(error.clone()))));
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    let snap = self.snapshot(&scope).await.map(Arc::new).map_err(Arc::new);
                     for reply in waiting {
                         let _ = reply.send(match &snap {
                             Ok(snap) => Ok(snap.clone()),
-                            Err(_) => Err(ApiError::Overloaded),
+                            Err(error) => Err(ApiError::from(StoreError::Shared(error.clone()))),
                         });
                     }
                 }
@@ -447,7 +464,8 @@ impl Watcher {
                 };
                 let snap = match snap {
                     Ok(Ok(snap)) => snap,
-                    Ok(Err(_)) | Err(_) => return self.end(ApiError::Overloaded),
+                    Ok(Err(error)) => return self.end(error),
+                    Err(_) => return self.end(ApiError::ShuttingDown),
                 };
                 self.snapshot = None;
                 self.seqs = snap.seqs;

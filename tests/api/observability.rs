@@ -25,6 +25,23 @@ async fn metrics_count_calls_by_method_and_code_and_show_who_is_online() {
     app.report_user("").await.expect_err("refused");
     app.report_guest("10.1.2.3").await.expect("accepted");
     app.list(10).await.expect("listing");
+    app.count("").await.expect("counts");
+    app.check("", &["alice"], &[]).await.expect("checks");
+    app.leave("", &["nobody"], &[]).await.expect("leaves");
+    app.client
+        .clone()
+        .list_rooms(presence::proto::v1::ListRoomsRequest::default())
+        .await
+        .expect("rooms");
+    let mut watch = app
+        .client
+        .clone()
+        .watch_online(presence::proto::v1::WatchOnlineRequest::default())
+        .await
+        .expect("watching")
+        .into_inner();
+    watch.message().await.expect("a message").expect("a snapshot");
+    drop(watch);
 
     let handled = |method: &str, code: &str, count: u32| {
         format!(
@@ -43,6 +60,12 @@ async fn metrics_count_calls_by_method_and_code_and_show_who_is_online() {
         handled("ReportUser", "InvalidArgument", 1),
         handled("ReportGuest", "OK", 1),
         handled("ListOnline", "OK", 1),
+        handled("CountOnline", "OK", 1),
+        handled("CheckOnline", "OK", 1),
+        handled("Leave", "OK", 1),
+        handled("ListRooms", "OK", 1),
+        "grpc_server_msg_sent_total{grpc_type=\"server_stream\",grpc_service=\"presence.v1.Presence\",grpc_method=\"WatchOnline\"} 1".to_owned(),
+        "presence_watch_messages_total{type=\"snapshot\"} 1".to_owned(),
         "presence_online{kind=\"guests\"} 1".to_owned(),
         "presence_tick_interval_seconds 300".to_owned(),
         "presence_ready 1".to_owned(),

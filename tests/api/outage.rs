@@ -38,6 +38,36 @@ async fn assert_calls_fail_fast(app: &TestApp) {
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert!(began.elapsed() < UNAVAILABLE_BOUND, "took {:?}", began.elapsed());
     }
+    // Every other call too, each within the bound.
+    let calls: [(&str, Result<(), tonic::Status>); 6] = [
+        ("CountOnline", app.count("").await.map(|_| ())),
+        ("CheckOnline", app.check("", &["a"], &["10.0.0.1"]).await.map(|_| ())),
+        ("Leave", app.leave("", &["a"], &[]).await),
+        ("ReportUser in a room", app.report_user_in("b", "room").await),
+        (
+            "ListRooms",
+            app.client
+                .clone()
+                .list_rooms(presence::proto::v1::ListRoomsRequest::default())
+                .await
+                .map(|_| ()),
+        ),
+        ("WatchOnline", watch_first(app).await),
+    ];
+    for (call, result) in calls {
+        let status = result.expect_err(call);
+        assert_eq!(status.code(), Code::Unavailable, "{call}: {status:?}");
+    }
+}
+
+/// A watch's first message, or how the stream ended.
+async fn watch_first(app: &TestApp) -> Result<(), tonic::Status> {
+    let request = presence::proto::v1::WatchOnlineRequest { room: String::new() };
+    let mut stream = app.client.clone().watch_online(request).await?.into_inner();
+    let began = Instant::now();
+    let first = stream.message().await;
+    assert!(began.elapsed() < 2 * UNAVAILABLE_BOUND, "took {:?}", began.elapsed());
+    first.map(|_| ())
 }
 
 #[tokio::test]
