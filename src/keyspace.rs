@@ -499,6 +499,26 @@ local function kind_at(keys, at, site)
   end
   return k
 end
+
+-- A room script's common start: both kinds' keys (KEYS: users' 7, guests'
+-- 7, version), brought into the current interval, and the names of ARGV
+-- (interval ms, keep ms, number of users, the users, the guests).
+local function room_args()
+  local users = kind_at(KEYS, 1, false)
+  local guests = kind_at(KEYS, 8, false)
+  local period, keep, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+  local now = now_ms()
+  local start = catch_up(users, period, now, keep)
+  catch_up(guests, period, now, keep)
+  local user_names, guest_names = {}, {}
+  for i = 4, 3 + n do
+    user_names[#user_names + 1] = ARGV[i]
+  end
+  for i = 4 + n, #ARGV do
+    guest_names[#guest_names + 1] = ARGV[i]
+  end
+  return users, guests, start, keep, user_names, guest_names
+end
 "#
     };
 }
@@ -565,21 +585,7 @@ return {start, rotated}
 pub const ROOM_REPORT_SCRIPT: &str = concat!(
     prelude!(),
     r#"
-local users = kind_at(KEYS, 1, false)
-local guests = kind_at(KEYS, 8, false)
-local period = tonumber(ARGV[1])
-local keep = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local now = now_ms()
-local start = catch_up(users, period, now, keep)
-catch_up(guests, period, now, keep)
-local user_names, guest_names = {}, {}
-for i = 4, 3 + n do
-  user_names[#user_names + 1] = ARGV[i]
-end
-for i = 4 + n, #ARGV do
-  guest_names[#guest_names + 1] = ARGV[i]
-end
+local users, guests, start, keep, user_names, guest_names = room_args()
 add(users, 'users', user_names, start + keep)
 add(guests, 'guests', guest_names, start + keep)
 for _, k in ipairs({users, guests}) do
@@ -642,29 +648,15 @@ return 1
 ///
 /// `KEYS`: users' 7 keys, guests' 7 keys, version.
 /// `ARGV`: interval ms, keep ms, number of users, the users, the guests.
-/// Returns `{users online, guests online, version}`.
+/// Returns `{interval start, users online, guests online, version}`.
 pub const ROOM_LEAVE_SCRIPT: &str = concat!(
     prelude!(),
     r#"
-local users = kind_at(KEYS, 1, false)
-local guests = kind_at(KEYS, 8, false)
-local period = tonumber(ARGV[1])
-local keep = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local now = now_ms()
-catch_up(users, period, now, keep)
-catch_up(guests, period, now, keep)
-local user_names, guest_names = {}, {}
-for i = 4, 3 + n do
-  user_names[#user_names + 1] = ARGV[i]
-end
-for i = 4 + n, #ARGV do
-  guest_names[#guest_names + 1] = ARGV[i]
-end
+local users, guests, start, _, user_names, guest_names = room_args()
 remove(users, 'users', user_names)
 remove(guests, 'guests', guest_names)
 local version = redis.call('INCR', KEYS[15])
-return {count(users), count(guests), version}
+return {start, count(users), count(guests), version}
 "#
 );
 

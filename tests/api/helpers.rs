@@ -221,6 +221,19 @@ impl Api {
         .await
     }
 
+    /// Reports `name` until this replica's repeat filter skips it: from then
+    /// on, a report of it would be answered from memory if nothing stopped
+    /// it. (The skip counter follows the filter once a second.)
+    pub async fn until_skipped(&self, name: &str) {
+        let series = "presence_repeat_filter_skipped_total";
+        let before = self.metric(series).await;
+        eventually("a repeat report to be skipped", Duration::from_secs(10), || async {
+            self.report_user(name).await.ok()?;
+            (self.metric(series).await > before).then_some(())
+        })
+        .await;
+    }
+
     /// The value of one series in the metrics (0 if absent).
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.scrape().await;

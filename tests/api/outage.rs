@@ -151,12 +151,7 @@ async fn after_redis_restarts_empty_a_repeated_report_is_stored_again() {
     let mut redis = RedisServer::start();
     let app = spawn_ready_app(on(&redis)).await;
     // Once the filter trusts Redis (a ping came back), repeats are skipped.
-    eventually("a repeat report to be skipped", Duration::from_secs(10), || async {
-        app.report_user("regular").await.ok()?;
-        let metrics = app.scrape().await;
-        (!metrics.contains("presence_repeat_filter_skipped_total 0")).then_some(())
-    })
-    .await;
+    app.until_skipped("regular").await;
 
     redis.restart();
 

@@ -137,19 +137,13 @@ async fn a_name_reported_again_and_again_through_three_replicas_stays_listed_one
 async fn a_report_after_a_leave_through_any_replica_lists_the_name_again() {
     let redis = RedisServer::start();
     let apps = spawn_replicas(3, settings(Some(redis.url()))).await;
-    let skipped = "presence_repeat_filter_skipped_total";
     for leaver in 0..apps.len() {
         for reporter in (0..apps.len()).filter(|r| *r != leaver) {
             let name = format!("signs-out-{leaver}-{reporter}");
             // Every replica remembers the name: its next report would be
             // skipped.
             for app in &apps {
-                let before = app.metric(skipped).await;
-                crate::helpers::eventually("the repeat to be skipped", Duration::from_secs(10), || async {
-                    app.report_user(&name).await.ok()?;
-                    (app.metric(skipped).await > before).then_some(())
-                })
-                .await;
+                app.until_skipped(&name).await;
                 // Written after it, so that the probe's look for a lately
                 // written name (which forgets all if that name vanished)
                 // cannot stand in for the Leave's invalidation.

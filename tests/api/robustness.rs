@@ -12,7 +12,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::binary::Binary;
-use crate::helpers::{Api, eventually, unique};
+use crate::helpers::{eventually, unique};
 use crate::redis_server::RedisServer;
 
 const READY: &str = "presence.v1.Presence";
@@ -27,17 +27,6 @@ async fn start(redis: &RedisServer, env: &[(&str, &str)]) -> Binary {
     binary
 }
 
-/// Reports `name` until this replica's repeat filter skips it: from then
-/// on, a report of it would be answered from memory if nothing stopped it.
-async fn until_skipped(api: &Api, name: &str) {
-    let before = api.metric("presence_repeat_filter_skipped_total").await;
-    eventually("a repeat report to be skipped", Duration::from_secs(10), || async {
-        api.report_user(name).await.ok()?;
-        (api.metric("presence_repeat_filter_skipped_total").await > before).then_some(())
-    })
-    .await;
-}
-
 fn report(name: &str) -> ReportUserRequest {
     ReportUserRequest {
         username: name.to_owned(),
@@ -48,7 +37,7 @@ fn report(name: &str) -> ReportUserRequest {
 async fn frozen_redis_gives_unavailable_within(timeout: &str, bound: Duration, at_least: Duration) {
     let redis = RedisServer::start();
     let app = start(&redis, &[("PRESENCE_REDIS_TIMEOUT", timeout)]).await;
-    until_skipped(&app, "regular").await;
+    app.until_skipped("regular").await;
     redis.pause();
     for name in ["never-seen", "regular"] {
         let began = Instant::now();
@@ -117,7 +106,7 @@ async fn a_client_deadline_shorter_than_the_redis_timeout_ends_the_call_with_dea
 async fn after_flushall_a_reported_name_is_listed_again_within_2_seconds() {
     let redis = RedisServer::start();
     let app = start(&redis, &[]).await;
-    until_skipped(&app, "regular").await;
+    app.until_skipped("regular").await;
     let mut direct = redis.connection().expect("a direct connection");
     let _: () = redis::cmd("FLUSHALL").query(&mut direct).expect("FLUSHALL");
     let flushed = Instant::now();
@@ -293,15 +282,51 @@ async fn at_most_max_concurrent_streams_calls_run_on_one_connection() {
     }
 }
 
-/// Reads HTTP/2 frames from a raw connection: (type, flags).
-async fn frame(stream: &mut tokio::net::TcpStream) -> Option<(u8, u8)> {
-    let mut header = [0u8; 9];
-    stream.read_exact(&mut header).await.ok()?;
-    let len = (usize::from(header[0]) << 16) | (usize::from(header[1]) << 8) | usize::from(header[2]);
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).await.ok()?;
-    Some((header[3], header[4]))
+/// A raw HTTP/2 client that sends its preface and SETTINGS, acknowledges
+/// the server's SETTINGS, and otherwise only listens: what the server does
+/// to a connection, frame by frame.
+async fn raw_http2(address: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connects");
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.expect("SETTINGS");
+    stream
 }
+
+/// The frames the server sends, as (type, when), until it closes the
+/// connection (or 10 s pass: `None`). PINGs are left unanswered.
+async fn frames_until_closed(stream: &mut tokio::net::TcpStream) -> Option<Vec<(u8, Duration)>> {
+    let began = Instant::now();
+    let mut seen = Vec::new();
+    let read = async {
+        loop {
+            let mut header = [0u8; 9];
+            if stream.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let len = (usize::from(header[0]) << 16) | (usize::from(header[1]) << 8) | usize::from(header[2]);
+            let mut payload = vec![0u8; len];
+            if stream.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let (kind, ack) = (header[3], header[4] & 1 == 1);
+            if kind == 4 && !ack {
+                stream
+                    .write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0])
+                    .await
+                    .expect("SETTINGS ACK");
+            }
+            seen.push((kind, began.elapsed()));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.ok()?;
+    Some(seen)
+}
+
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
 
 /// A client that connects and then never answers (a crashed host) is
 /// pinged, and its connection closed once the ping goes unanswered.
@@ -316,33 +341,13 @@ async fn a_dead_client_connection_is_noticed_by_http2_keepalive() {
         ],
     )
     .await;
-    let mut stream = tokio::net::TcpStream::connect(app.grpc_address)
-        .await
-        .expect("connects");
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .expect("preface");
-    stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.expect("SETTINGS");
-    let mut pinged = false;
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some((kind, flags)) = frame(&mut stream).await {
-            match (kind, flags & 1) {
-                (4, 0) => stream
-                    .write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0])
-                    .await
-                    .expect("SETTINGS ACK"),
-                (6, 0) => pinged = true, // a PING, left unanswered
-                _ => {}
-            }
-        }
-    })
-    .await;
+    let mut stream = raw_http2(app.grpc_address).await;
+    let frames = frames_until_closed(&mut stream).await;
+    let frames = frames.expect("the server kept a connection that never answered its pings");
     assert!(
-        closed.is_ok(),
-        "the server kept a connection that never answered its pings"
+        frames.iter().any(|(kind, _)| *kind == PING),
+        "the server never pinged: {frames:?}"
     );
-    assert!(pinged, "the server never pinged");
 }
 
 /// After the maximum age, a connection gets GOAWAY (so clients open a new
@@ -361,38 +366,19 @@ async fn an_aged_connection_gets_goaway_then_is_closed_after_the_grace() {
         ],
     )
     .await;
-    let mut stream = tokio::net::TcpStream::connect(app.grpc_address)
+    let mut stream = raw_http2(app.grpc_address).await;
+    let frames = frames_until_closed(&mut stream)
         .await
-        .expect("connects");
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .expect("preface");
-    stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.expect("SETTINGS");
-    let connected = Instant::now();
-    let (mut goaway, mut closed) = (None, None);
-    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some((kind, flags)) = frame(&mut stream).await {
-            match (kind, flags & 1) {
-                (4, 0) => stream
-                    .write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0])
-                    .await
-                    .expect("SETTINGS ACK"),
-                (7, _) if goaway.is_none() => goaway = Some(connected.elapsed()),
-                _ => {}
-            }
-        }
-        closed = Some(connected.elapsed());
-    })
-    .await;
-    assert!(outcome.is_ok(), "the aged connection was never closed");
-    let goaway = goaway.expect("a GOAWAY before the close");
+        .expect("the aged connection was never closed");
+    let goaway = frames
+        .iter()
+        .find(|(kind, _)| *kind == GOAWAY)
+        .map(|(_, at)| *at)
+        .unwrap_or_else(|| panic!("no GOAWAY before the close: {frames:?}"));
     assert!(
         goaway >= Duration::from_millis(900),
         "GOAWAY after {goaway:?}, before the age"
     );
-    let closed = closed.expect("closed");
-    assert!(closed >= goaway, "closed at {closed:?}");
 }
 
 /// Whatever clients do, SIGTERM ends in exit 0 within the grace and a

@@ -252,15 +252,18 @@ impl Redis {
         Ok(start)
     }
 
-    async fn room_report(
+    /// Reports names into a room, or takes them off (`script`): both are
+    /// answered with the interval they landed in and the room's new counts.
+    async fn room_change(
         &self,
         mut connection: RedisConnection,
+        script: &Script,
         room: &Room,
         users: &[&str],
         guests: &[&str],
     ) -> Result<(u64, RoomUpdate), StoreError> {
         let (start, u, g, version): (u64, u64, u64, u64) = self
-            .room_script(&self.scripts.room_report, room)
+            .room_script(script, room)
             .arg(self.publish)
             .arg(self.period)
             .arg(self.keep)
@@ -275,30 +278,6 @@ impl Redis {
             version,
         };
         Ok((start, update))
-    }
-
-    async fn room_leave(
-        &self,
-        mut connection: RedisConnection,
-        room: &Room,
-        users: &[&str],
-        guests: &[&str],
-    ) -> Result<RoomUpdate, StoreError> {
-        let (u, g, version): (u64, u64, u64) = self
-            .room_script(&self.scripts.room_leave, room)
-            .arg(self.publish)
-            .arg(self.period)
-            .arg(self.keep)
-            .arg(users.len())
-            .arg(users)
-            .arg(guests)
-            .invoke_async(&mut connection)
-            .await?;
-        Ok(RoomUpdate {
-            room: room.clone(),
-            counts: Counts { users: u, guests: g },
-            version,
-        })
     }
 
     async fn room_counts(&self, mut connection: RedisConnection, room: &Room) -> Result<RoomUpdate, StoreError> {
@@ -395,9 +374,9 @@ impl SendBatch for Redis {
                 }
             });
             let [users, guests] = site_parts;
-            let room_parts = rooms
-                .iter()
-                .map(|(room, (users, guests))| self.room_report(connection.clone(), room, users, guests));
+            let room_parts = rooms.iter().map(|(room, (users, guests))| {
+                self.room_change(connection.clone(), &self.scripts.room_report, room, users, guests)
+            });
             let (users, guests, rooms) =
                 tokio::try_join!(users, guests, futures_util::future::try_join_all(room_parts))?;
             let mut written = Written {
@@ -669,14 +648,21 @@ impl Store for RedisStore {
                                 }
                             }
                         }
-                        let leaves = in_rooms
-                            .iter()
-                            .map(|(room, (users, guests))| redis.room_leave(connection.clone(), room, users, guests));
-                        updates = futures_util::future::try_join_all(leaves).await?;
+                        let leaves = in_rooms.iter().map(|(room, (users, guests))| {
+                            redis.room_change(connection.clone(), &redis.scripts.room_leave, room, users, guests)
+                        });
+                        updates = futures_util::future::try_join_all(leaves)
+                            .await?
+                            .into_iter()
+                            .map(|(_, update)| update)
+                            .collect();
                     }
                     Scope::Room(room) => {
                         let (users, guests) = (visitors.names(Kind::Users), visitors.names(Kind::Guests));
-                        updates.push(redis.room_leave(connection.clone(), room, &users, &guests).await?);
+                        let (_, update) = redis
+                            .room_change(connection.clone(), &redis.scripts.room_leave, room, &users, &guests)
+                            .await?;
+                        updates.push(update);
                         for kind in Kind::ALL {
                             let names = visitors.names(kind);
                             if names.is_empty() {
@@ -789,12 +775,11 @@ impl Store for RedisStore {
         let result = redis
             .bounded(|mut connection| async move {
                 let index = &redis.keys.rooms;
-                let (order_arg, after_room, after_users) = match after {
-                    None => ("", "", 0),
-                    Some(RoomsPageToken::ByName { after }) => ("", after.as_str(), 0),
-                    Some(RoomsPageToken::ByUsers { users, after }) => ("", after.as_str(), *users),
+                let (after_room, after_users) = match after {
+                    None => ("", 0),
+                    Some(RoomsPageToken::ByName { after }) => (after.as_str(), 0),
+                    Some(RoomsPageToken::ByUsers { users, after }) => (after.as_str(), *users),
                 };
-                let _ = order_arg;
                 let order_arg = match order {
                     RoomOrder::Name => "name",
                     RoomOrder::MostOnline => "users",
