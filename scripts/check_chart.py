@@ -944,7 +944,7 @@ def leaf_keys(d: dict, prefix: str = "") -> list[str]:
     out = []
     for k, v in d.items():
         path = f"{prefix}{k}"
-        if isinstance(v, dict) and v and k not in ("resources", "behavior", "podSecurityContext", "securityContext"):
+        if isinstance(v, dict) and v and k not in ("resources", "behavior", "podSecurityContext", "securityContext", "labels"):
             out += leaf_keys(v, path + ".")
         else:
             out.append(path)
@@ -954,7 +954,7 @@ def leaf_keys(d: dict, prefix: str = "") -> list[str]:
 def check_readme(chart: Path, values: dict) -> list[str]:
     """Every values key has a row in the README's table, and every row's
     default is the one in values.yaml."""
-    readme = (chart / "README.md").read_text()
+    readme = (chart / "README.md").read_text().split("\n## Values\n", 1)[1]
     rows = dict(re.findall(r"^\| `([^`]+)` \| [^|]+ \| ([^|]+) \|", readme, re.MULTILINE))
     keys = leaf_keys(values)
     problems = [f"values key {k} is not in the README's table" for k in keys if k not in rows]
