@@ -16,7 +16,7 @@ namespace="presence", as the chart's ServiceMonitor would label the series.
      where it must fail;
   3. live (--live): a private redis-server, the real service (tick interval
      2s) and a real Prometheus scraping it every second with the rendered
-     rules loaded. Calls of every kind (a few invalid, a cancelled stream),
+     rules loaded. Calls of every kind (an invalid one, a cancelled stream),
      then a Redis outage (SIGSTOP: timeouts, shed calls, NOT_SERVING). Then:
        - PresenceNotServing, PresenceUnavailable and PresenceLatencyHigh go
          pending during the outage, PresenceNoReplicaScraped once the service
@@ -25,7 +25,9 @@ namespace="presence", as the chart's ServiceMonitor would label the series.
          labels its legend names; its variables list the release;
        - every selector of the dashboard and of the rules matches series
          (metric names and label values exist), and every label a query
-         groups or matches by exists on them.
+         groups or matches by exists on them; as self-tests, a misspelt
+         metric, a misspelt label and a label value that never occurs are
+         reported.
 
 It stops exactly the processes it started, by PID. No fixed sleeps: every
 wait polls with a deadline.
