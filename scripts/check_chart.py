@@ -1,29 +1,25 @@
 #!/usr/bin/env python3
-"""Checks the deployment files: the Helm chart (helm/presence) and the
-Dockerfile, offline, with real tools. Run by scripts/check-deploy, which
-installs helm, kubernetes-validate and PyYAML first.
+"""Checks the Helm chart (helm/presence) offline, with real tools. Run by
+scripts/check-deploy, which installs helm, kubernetes-validate and PyYAML.
 
-What it does, in order:
-  1. helm lint --strict, with the default values and with each optional
-     feature switched on;
-  2. helm template for a set of scenarios (defaults on several Kubernetes
-     versions, each optional feature, each kind of store), then for every
-     rendered manifest:
-       - validation against the Kubernetes API schemas of that version
-         (kubernetes-validate, strict: unknown fields fail). Only the
-         Prometheus Operator's ServiceMonitor has no schema there; it gets
-         structural checks instead;
-       - the assertions that matter: gRPC probes with the right service names
-         on the gRPC port, the Redis URL from a secretKeyRef, a restricted
-         security context, capacity-keeping rollouts, and so on;
-  3. bad values that must make rendering fail, each with the message
-     expected;
-  4. NOTES.txt: the commands it prints name real Services, ports and RPCs,
-     and it never prints the Redis URL;
-  5. the Dockerfile against the chart and Cargo.toml (ports, user, binary,
-     COPY sources vs .dockerignore, toolchain vs rust-version);
-  6. mutation self-tests: each assertion is run on a deliberately broken copy
-     of a good render and must report it, so no check passes vacuously.
+values.schema.json already refuses mistyped, misspelt and out-of-range
+values, so this checks what the schema cannot see:
+  1. helm lint --strict on scenarios that together render every template;
+  2. helm template of every scenario, each manifest validated against the
+     Kubernetes API schemas (strict); the Prometheus Operator's CRDs have no
+     schema there and get structural checks. Then what must hold in the
+     render: gRPC probes on the right services, the Redis URL only from a
+     Secret, restricted security contexts, rollouts that keep capacity, the
+     environment the service reads, Services that select the pods, optional
+     resources present exactly when asked for, dashboard queries and alert
+     rules scoped to the release;
+  3. bad values that must fail: a few for the schema, and every check the
+     templates make themselves, each with its message;
+  4. NOTES.txt's commands, the README's values table and runbooks;
+  5. self-tests: each check runs on a deliberately broken copy of a good
+     render (or README) and must report it.
+(scripts/check_prometheus.py runs the rules and the dashboard on a real
+Prometheus; scripts/check_dockerfile.py holds the Dockerfile to the chart.)
 
 Each check prints PASS or FAIL with the reason; the last line is
 "check_chart: N passed, M failed" and the exit status is 1 on any failure.
@@ -34,7 +30,6 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
-import fnmatch
 import json
 import re
 import subprocess
@@ -45,36 +40,30 @@ from pathlib import Path
 import yaml
 from kubernetes_validate import utils as kv
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
+from promql import selectors  # noqa: E402
+
 # --- The service's contract (README, src/settings.rs) -----------------------
 
-GRPC_PORT = 50051
-METRICS_PORT = 9090
+GRPC_PORT, METRICS_PORT = 50051, 9090
 LIVENESS_SERVICE = ""  # the overall status: SERVING while the process is up
 READINESS_SERVICE = "presence.v1.Presence"  # SERVING only while Redis answers
-ENV_CONTRACT = {
-    "PRESENCE_LISTEN",
-    "PRESENCE_REDIS_URL",
-    "PRESENCE_REDIS_MODE",
-    "PRESENCE_TICK_INTERVAL",
-    "PRESENCE_KEY_PREFIX",
-    "PRESENCE_METRICS_LISTEN",
-    "PRESENCE_REDIS_POOL_SIZE",
-    "PRESENCE_REDIS_TIMEOUT",
-    "PRESENCE_LOG_FORMAT",
-    "PRESENCE_SHUTDOWN_GRACE",
-    "RUST_LOG",
+RELEASE, NAMESPACE, DEFAULT_KUBE = "rel", "presence-ns", "1.35.0"
+FULLNAME = f"{RELEASE}-presence"
+CRDS = {  # no schema in kubernetes-validate: structural checks instead
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
-# The humantime subset the chart's schema admits.
-DURATION = re.compile(r"^[1-9][0-9]*(ns|us|ms|s|m|h|d)( ?[0-9]+(ns|us|ms|s|m|h|d))*$")
-
-RELEASE = "rel"
-NAMESPACE = "presence-ns"
-DEFAULT_KUBE = "1.35.0"
-# Kinds with no schema in kubernetes-validate, and why that is acceptable.
-SCHEMALESS = {("monitoring.coreos.com/v1", "ServiceMonitor"): "a CRD of the Prometheus Operator"}
+SEVERITIES = ("critical", "warning", "info")
+PROM_DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 
 
-# --- Reporting --------------------------------------------------------------
+def service_env(repo: Path) -> set[str]:
+    """The variables the service reads: src/settings.rs, and RUST_LOG."""
+    return set(re.findall(r'env = "([A-Z_]+)"', (repo / "src/settings.rs").read_text())) | {"RUST_LOG"}
+
+
+# --- Reporting and helm -----------------------------------------------------
 
 
 class Report:
@@ -91,12 +80,6 @@ class Report:
         else:
             self.passed += 1
             print(f"PASS {name}")
-
-    def note(self, text: str) -> None:
-        print(f"NOTE {text}")
-
-
-# --- Running helm -----------------------------------------------------------
 
 
 @dataclass
@@ -125,9 +108,30 @@ def load_docs(text: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
+def sets(*assignments: str) -> list[str]:
+    return [arg for a in assignments for arg in ("--set", a)]
+
+
 # --- Scenarios --------------------------------------------------------------
 
 EXTERNAL_URL = "redis://:s3cret-Pa55@redis.prod.internal:6379/0"
+EXTERNAL = sets("trialRedis.enabled=false") + ["--set-string", f"redis.url={EXTERNAL_URL}"]
+EXISTING = sets("trialRedis.enabled=false", "redis.existingSecret=presence-redis", "redis.existingSecretKey=url")
+MEMORY = sets("trialRedis.enabled=false", "inMemory.enabled=true", "replicaCount=1")
+EGRESS_TO_REDIS = ["--set-json", 'networkPolicy.egress.redisTo=[{"ipBlock":{"cidr":"10.20.0.0/16"}}]']
+OBSERVED = sets("serviceMonitor.enabled=true", "dashboard.enabled=true", "prometheusRule.enabled=true")
+OBSERVED_ELSEWHERE = OBSERVED + sets(
+    "dashboard.namespace=monitoring",
+    "dashboard.labels.grafana_dashboard=presence",
+    "prometheusRule.labels.release=kube-prometheus-stack",
+    "prometheusRule.alertLabels.team=web",
+)
+EVERYTHING = OBSERVED + sets(
+    "autoscaling.enabled=true",
+    "networkPolicy.enabled=true",
+    "networkPolicy.egress.enabled=true",
+    "service.headless=true",
+)
 
 
 @dataclass
@@ -138,180 +142,96 @@ class Scenario:
     store: str = "trial"  # trial | url | existing | memory
     replicas: int | None = 2  # None: the HPA owns it
     pdb: bool = True
-    hpa: bool = False
-    service_monitor: bool = False
-    network_policy: bool = False
-    egress: bool = False
-    headless: bool = False
-    prestop_sleep: bool = True  # the native sleep action needs 1.30+
+    lint: bool = False  # helm lint too (the lint scenarios render every template)
 
+    @property
+    def values(self) -> dict[str, str]:
+        """KEY: VALUE of each --set (--set-string, --set-json) pair."""
+        return dict(arg.split("=", 1) for arg in self.sets[1::2])
 
-def sets(*assignments: str) -> list[str]:
-    """helm arguments: --set for each KEY=VALUE."""
-    return [arg for a in assignments for arg in ("--set", a)]
+    def on(self, key: str) -> bool:
+        return self.values.get(key) == "true"
 
+    @property
+    def prestop_sleep(self) -> bool:  # the native sleep action needs 1.30+
+        return tuple(map(int, self.kube.split(".")[:2])) >= (1, 30)
 
-EXTERNAL = sets("trialRedis.enabled=false") + ["--set-string", f"redis.url={EXTERNAL_URL}"]
-EXISTING = sets("trialRedis.enabled=false", "redis.existingSecret=presence-redis", "redis.existingSecretKey=url")
-EGRESS_TO_REDIS = ["--set-json", 'networkPolicy.egress.redisTo=[{"ipBlock":{"cidr":"10.20.0.0/16"}}]']
-EVERYTHING = sets(
-    "autoscaling.enabled=true",
-    "serviceMonitor.enabled=true",
-    "networkPolicy.enabled=true",
-    "networkPolicy.egress.enabled=true",
-    "service.headless=true",
-)
 
 SCENARIOS = [
-    Scenario("defaults"),
-    Scenario("defaults on Kubernetes 1.28", kube="1.28.0", prestop_sleep=False),
+    Scenario("defaults", lint=True),
+    Scenario("defaults on Kubernetes 1.28", kube="1.28.0"),
     Scenario("defaults on Kubernetes 1.30", kube="1.30.0"),
     Scenario("defaults on Kubernetes 1.37", kube="1.37.0"),
-    Scenario("HPA", ["--set", "autoscaling.enabled=true"], replicas=None, hpa=True),
-    Scenario(
-        "HPA with minReplicas 1",
-        ["--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=1"],
-        replicas=None,
-        hpa=True,
-        pdb=False,
-    ),
-    Scenario("one replica (no PDB)", ["--set", "replicaCount=1"], replicas=1, pdb=False),
-    Scenario("PDB switched off", ["--set", "podDisruptionBudget.enabled=false"], pdb=False),
-    Scenario("ServiceMonitor", ["--set", "serviceMonitor.enabled=true"], service_monitor=True),
-    Scenario("NetworkPolicy", ["--set", "networkPolicy.enabled=true"], network_policy=True),
+    Scenario("HPA", sets("autoscaling.enabled=true"), replicas=None),
+    Scenario("HPA, min 1", sets("autoscaling.enabled=true", "autoscaling.minReplicas=1"), replicas=None, pdb=False),
+    Scenario("one replica (no PDB)", sets("replicaCount=1"), replicas=1, pdb=False),
+    Scenario("PDB switched off", sets("podDisruptionBudget.enabled=false"), pdb=False),
+    Scenario("ServiceMonitor", sets("serviceMonitor.enabled=true")),
+    Scenario("dashboard and alerts", OBSERVED_ELSEWHERE),
+    Scenario("NetworkPolicy", sets("networkPolicy.enabled=true")),
     Scenario(
         "NetworkPolicy with egress, external Redis",
         EXISTING + sets("networkPolicy.enabled=true", "networkPolicy.egress.enabled=true") + EGRESS_TO_REDIS,
         store="existing",
-        network_policy=True,
-        egress=True,
     ),
-    Scenario("trial Redis", ["--set", "trialRedis.enabled=true"]),
     Scenario("external Redis URL", EXTERNAL, store="url"),
-    Scenario("existing Secret", EXISTING, store="existing"),
-    Scenario(
-        "in-memory, one replica",
-        ["--set", "trialRedis.enabled=false", "--set", "inMemory.enabled=true", "--set", "replicaCount=1"],
-        store="memory",
-        replicas=1,
-        pdb=False,
-    ),
-    Scenario("headless Service", ["--set", "service.headless=true"], headless=True),
-    Scenario(
-        "everything on, Kubernetes 1.28",
-        EVERYTHING,
-        kube="1.28.0",
-        replicas=None,
-        hpa=True,
-        service_monitor=True,
-        network_policy=True,
-        egress=True,
-        headless=True,
-        prestop_sleep=False,
-    ),
+    Scenario("existing Secret", EXISTING, store="existing", lint=True),
+    Scenario("in-memory, one replica", MEMORY, store="memory", replicas=1, pdb=False, lint=True),
+    Scenario("headless Service", sets("service.headless=true")),
+    Scenario("everything on, Kubernetes 1.28", EVERYTHING, kube="1.28.0", replicas=None, lint=True),
     Scenario(
         "everything on, external Redis",
-        EVERYTHING + EXTERNAL + EGRESS_TO_REDIS,
+        EVERYTHING + EXTERNAL + EGRESS_TO_REDIS + ["--set-string", 'prometheusRule.seriesSelector=job="presence"'],
         store="url",
         replicas=None,
-        hpa=True,
-        service_monitor=True,
-        network_policy=True,
-        egress=True,
-        headless=True,
+        lint=True,
     ),
 ]
+MUTATION_BASE = "dashboard and alerts"
 
 # Values that must not render, and a piece of the message each must give.
+# A few for the schema (type, pattern, enum, unknown keys); then every check
+# the templates make themselves.
 BAD_VALUES = [
-    ("replicas as a word", ["--set", "replicaCount=two"], "/replicaCount"),
-    ("replicas zero", ["--set", "replicaCount=0"], "/replicaCount"),
-    ("tick interval without a unit", ["--set-string", "config.tickInterval=5"], "/config/tickInterval"),
-    ("tick interval in months (5M)", ["--set", "config.tickInterval=5M"], "/config/tickInterval"),
-    ("tick interval not a duration", ["--set", "config.tickInterval=fast"], "/config/tickInterval"),
-    ("tick interval below 100ms", ["--set", "config.tickInterval=50ms"], "100ms to 24h"),
-    ("redis timeout above 60s", ["--set", "config.redisTimeout=2m"], "1ms to 60s"),
-    ("unknown log format", ["--set", "config.logFormat=yaml"], "/config/logFormat"),
-    ("unknown Redis mode", ["--set", "redis.mode=sentinel"], "/redis/mode"),
-    ("key prefix with a brace", ["--set", "config.keyPrefix=a{b}"], "/config/keyPrefix"),
-    ("pool size above 1024", ["--set", "config.redisPoolSize=5000"], "/config/redisPoolSize"),
-    (
-        "Redis URL without a scheme",
-        ["--set", "trialRedis.enabled=false", "--set", "redis.url=localhost:6379"],
-        "/redis/url",
-    ),
-    ("misspelt top-level key", ["--set", "replicas=3"], "additional properties"),
-    ("probe given its own action", ["--set", "readinessProbe.httpGet.port=80"], "/readinessProbe"),
-    ("no store at all", ["--set", "trialRedis.enabled=false"], "needs a store"),
-    ("external URL with the trial Redis still on", ["--set", "redis.url=redis://r:6379"], "exactly one store"),
-    (
-        "in-memory with 2 replicas",
-        ["--set", "trialRedis.enabled=false", "--set", "inMemory.enabled=true"],
-        "replicaCount=1",
-    ),
-    (
-        "in-memory with autoscaling",
-        [
-            "--set",
-            "trialRedis.enabled=false",
-            "--set",
-            "inMemory.enabled=true",
-            "--set",
-            "replicaCount=1",
-            "--set",
-            "autoscaling.enabled=true",
-        ],
-        "cannot autoscale",
-    ),
-    ("grace period shorter than the drain", ["--set", "terminationGracePeriodSeconds=10"], "must be longer"),
+    ("replicas as a word", sets("replicaCount=two"), "/replicaCount"),
+    ("tick interval in months (5M)", sets("config.tickInterval=5M"), "/config/tickInterval"),
+    ("unknown log format", sets("config.logFormat=yaml"), "/config/logFormat"),
+    ("key prefix with a brace", sets("config.keyPrefix=a{b}"), "/config/keyPrefix"),
+    ("Redis URL without a scheme", sets("trialRedis.enabled=false", "redis.url=localhost:6379"), "/redis/url"),
+    ("misspelt top-level key", sets("replicas=3"), "additional properties"),
+    ("probe given its own action", sets("readinessProbe.httpGet.port=80"), "/readinessProbe"),
+    ("p99 threshold of zero", sets("prometheusRule.latencyP99Seconds=0.0"), "/prometheusRule/latencyP99Seconds"),
+    ("series selector not matchers", sets("prometheusRule.seriesSelector=presence"), "/prometheusRule/seriesSelector"),
+    ("tick interval below 100ms", sets("config.tickInterval=50ms"), "100ms to 24h"),
+    ("redis timeout above 60s", sets("config.redisTimeout=2m"), "1ms to 60s"),
+    ("no store at all", sets("trialRedis.enabled=false"), "needs a store"),
+    ("external URL with the trial Redis still on", sets("redis.url=redis://r:6379"), "exactly one store"),
+    ("in-memory with 2 replicas", sets("trialRedis.enabled=false", "inMemory.enabled=true"), "replicaCount=1"),
+    ("in-memory with autoscaling", MEMORY + sets("autoscaling.enabled=true"), "cannot autoscale"),
+    ("grace period shorter than the drain", sets("terminationGracePeriodSeconds=10"), "must be longer"),
     (
         "HPA min above max",
-        [
-            "--set",
-            "autoscaling.enabled=true",
-            "--set",
-            "autoscaling.minReplicas=5",
-            "--set",
-            "autoscaling.maxReplicas=3",
-        ],
+        sets("autoscaling.enabled=true", "autoscaling.minReplicas=5", "autoscaling.maxReplicas=3"),
         "above autoscaling.maxReplicas",
     ),
     (
         "egress policy with external Redis and no redisTo",
-        EXISTING + ["--set", "networkPolicy.enabled=true", "--set", "networkPolicy.egress.enabled=true"],
+        EXISTING + sets("networkPolicy.enabled=true", "networkPolicy.egress.enabled=true"),
         "redisTo",
     ),
 ]
 
-# helm lint --strict runs with these (the defaults and each optional feature).
-LINT_SETS = [
-    ("defaults", []),
-    ("HPA", ["--set", "autoscaling.enabled=true"]),
-    ("ServiceMonitor", ["--set", "serviceMonitor.enabled=true"]),
-    ("NetworkPolicy", ["--set", "networkPolicy.enabled=true"]),
-    ("headless Service", ["--set", "service.headless=true"]),
-    ("external Redis URL", EXTERNAL),
-    ("existing Secret", EXISTING),
-    ("in-memory", ["--set", "trialRedis.enabled=false", "--set", "inMemory.enabled=true", "--set", "replicaCount=1"]),
-    (
-        "everything on",
-        EVERYTHING + EXTERNAL + EGRESS_TO_REDIS,
-    ),
-]
 
-
-# --- Small helpers over rendered manifests ----------------------------------
+# --- Helpers over rendered manifests ----------------------------------------
 
 
 def of_kind(docs: list[dict], kind: str, component: str | None = None) -> list[dict]:
-    out = []
-    for d in docs:
-        if d.get("kind") != kind:
-            continue
-        labels = d.get("metadata", {}).get("labels", {}) or {}
-        if component is None or labels.get("app.kubernetes.io/component") == component:
-            out.append(d)
-    return out
+    return [
+        d
+        for d in docs
+        if d.get("kind") == kind
+        and (component is None or (d["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == component)
+    ]
 
 
 def selects(match_labels: dict, labels: dict) -> bool:
@@ -320,35 +240,33 @@ def selects(match_labels: dict, labels: dict) -> bool:
 
 def server(docs: list[dict]) -> tuple[dict | None, list[str]]:
     deps = of_kind(docs, "Deployment", "server")
-    if len(deps) != 1:
-        return None, [f"expected one presence Deployment, found {len(deps)}"]
-    return deps[0], []
+    return (deps[0], []) if len(deps) == 1 else (None, [f"expected one presence Deployment, found {len(deps)}"])
 
 
 def presence_container(dep: dict) -> dict:
     return next(c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "presence")
 
 
-def env_map(container: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
 def container_port(container: dict, name: str) -> int | None:
     return next((p["containerPort"] for p in container.get("ports", []) if p.get("name") == name), None)
 
 
+def pod_labels(dep: dict) -> dict:
+    return dep["spec"]["template"]["metadata"]["labels"]
+
+
 def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
-    """Every pod spec the chart renders: Deployments' templates and bare Pods."""
+    """Every pod spec the chart renders: workloads' templates and bare Pods."""
     out = []
     for d in docs:
-        if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             out.append((f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]))
-        elif d.get("kind") == "Pod":
+        elif d["kind"] == "Pod":
             out.append((f"Pod/{d['metadata']['name']}", d["spec"]))
     return out
 
 
-# --- Assertions: each returns the problems it found (empty: passed) ---------
+# --- Checks: each returns the problems it found (empty: passed) -------------
 
 
 def check_schemas(docs: list[dict], sc: Scenario) -> list[str]:
@@ -358,70 +276,40 @@ def check_schemas(docs: list[dict], sc: Scenario) -> list[str]:
         try:
             kv.validate(d, sc.kube, True)
         except kv.ValidationError as e:
-            path = ".".join(str(p) for p in e.path)
-            problems.append(f"{ident} against Kubernetes {sc.kube}: {path}: {e.message}")
+            problems.append(f"{ident} against Kubernetes {sc.kube}: {'.'.join(map(str, e.path))}: {e.message}")
         except kv.SchemaNotFoundError:
-            if (d.get("apiVersion"), d.get("kind")) not in SCHEMALESS:
+            if (d.get("apiVersion"), d.get("kind")) not in CRDS:
                 problems.append(f"{ident}: no schema for {d.get('apiVersion')} in Kubernetes {sc.kube}")
     return problems
 
 
 def check_restricted(docs: list[dict], sc: Scenario) -> list[str]:
-    """The "restricted" Pod Security Standard, plus a read-only root
+    """The "restricted" Pod Security Standard, and a read-only root
     filesystem, for every pod the chart creates."""
     problems = []
     for ident, spec in pod_specs(docs):
-        psc = spec.get("securityContext", {}) or {}
-        for flag in ("hostNetwork", "hostPID", "hostIPC"):
-            if spec.get(flag):
-                problems.append(f"{ident}: {flag} is set")
-        for v in spec.get("volumes", []) or []:
-            if "hostPath" in v:
-                problems.append(f"{ident}: hostPath volume {v['name']}")
-        for c in spec.get("containers", []) + spec.get("initContainers", []):
-            csc = c.get("securityContext", {}) or {}
-            where = f"{ident} container {c['name']}"
-
-            # The container's setting wins over the pod's.
-            effective = {**psc, **csc}
-            if effective.get("runAsNonRoot") is not True:
-                problems.append(f"{where}: runAsNonRoot is not true")
-            uid = effective.get("runAsUser")
-            if not isinstance(uid, int) or uid == 0:
-                problems.append(f"{where}: runAsUser is {uid!r}, not a numeric non-root uid")
-            seccomp = (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
-            if seccomp not in ("RuntimeDefault", "Localhost"):
-                problems.append(f"{where}: seccompProfile is {seccomp!r}")
-            if csc.get("allowPrivilegeEscalation") is not False:
-                problems.append(f"{where}: allowPrivilegeEscalation is not false")
-            if csc.get("privileged"):
-                problems.append(f"{where}: privileged")
-            caps = csc.get("capabilities", {}) or {}
-            if "ALL" not in (caps.get("drop") or []):
-                problems.append(f"{where}: capabilities do not drop ALL")
-            if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
-                problems.append(f"{where}: adds capabilities {caps.get('add')}")
-            if csc.get("readOnlyRootFilesystem") is not True:
-                problems.append(f"{where}: root filesystem is writable")
-        # Pod-level too, as asked: the pod itself must say non-root + seccomp.
+        psc = spec.get("securityContext") or {}
         if psc.get("runAsNonRoot") is not True or (psc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
             problems.append(f"{ident}: pod securityContext lacks runAsNonRoot/seccompProfile RuntimeDefault")
-    if not pod_specs(docs):
-        problems.append("no pod specs rendered")
-    return problems
-
-
-def check_labels(docs: list[dict], sc: Scenario) -> list[str]:
-    problems = []
-    want = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by", "helm.sh/chart")
-    for d in docs:
-        labels = d.get("metadata", {}).get("labels", {}) or {}
-        missing = [k for k in want if k not in labels]
-        if missing:
-            problems.append(f"{d['kind']}/{d['metadata']['name']}: missing labels {missing}")
-        if labels.get("app.kubernetes.io/instance") not in (None, RELEASE):
-            problems.append(f"{d['kind']}/{d['metadata']['name']}: instance label is not the release")
-    return problems
+        problems += [f"{ident}: {flag} is set" for flag in ("hostNetwork", "hostPID", "hostIPC") if spec.get(flag)]
+        problems += [f"{ident}: hostPath volume {v['name']}" for v in spec.get("volumes") or [] if "hostPath" in v]
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            csc = c.get("securityContext") or {}
+            effective = {**psc, **csc}  # the container's setting wins
+            caps = csc.get("capabilities") or {}
+            for broken, what in (
+                (effective.get("runAsNonRoot") is not True, "runAsNonRoot is not true"),
+                (not isinstance(effective.get("runAsUser"), int) or effective["runAsUser"] == 0, "runs as root"),
+                (effective.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"), "no seccomp"),
+                (csc.get("allowPrivilegeEscalation") is not False, "allowPrivilegeEscalation is not false"),
+                (bool(csc.get("privileged")), "privileged"),
+                ("ALL" not in (caps.get("drop") or []), "capabilities do not drop ALL"),
+                (bool(set(caps.get("add") or []) - {"NET_BIND_SERVICE"}), f"adds capabilities {caps.get('add')}"),
+                (csc.get("readOnlyRootFilesystem") is not True, "root filesystem is writable"),
+            ):
+                if broken:
+                    problems.append(f"{ident} container {c['name']}: {what}")
+    return problems or ([] if pod_specs(docs) else ["no pod specs rendered"])
 
 
 def check_probes(docs: list[dict], sc: Scenario) -> list[str]:
@@ -429,25 +317,14 @@ def check_probes(docs: list[dict], sc: Scenario) -> list[str]:
     if not dep:
         return problems
     c = presence_container(dep)
-    grpc_port = container_port(c, "grpc")
-    if grpc_port != GRPC_PORT:
-        problems.append(f"container port 'grpc' is {grpc_port}, not {GRPC_PORT}")
     want = {"startupProbe": LIVENESS_SERVICE, "livenessProbe": LIVENESS_SERVICE, "readinessProbe": READINESS_SERVICE}
     for probe, service in want.items():
-        p = c.get(probe)
-        if not p:
-            problems.append(f"{probe} missing")
-            continue
-        other = {"httpGet", "tcpSocket", "exec"} & set(p)
-        if other:
-            problems.append(f"{probe} uses {sorted(other)}, not a native gRPC probe")
-        g = p.get("grpc")
-        if not g:
-            problems.append(f"{probe} is not a gRPC probe")
-            continue
-        if g.get("port") != grpc_port:
-            problems.append(f"{probe} probes port {g.get('port')}, the gRPC port is {grpc_port}")
-        if g.get("service") != service:
+        g = (c.get(probe) or {}).get("grpc")
+        if not g or {"httpGet", "tcpSocket", "exec"} & set(c[probe]):
+            problems.append(f"{probe} is not a native gRPC probe: {c.get(probe)}")
+        elif g.get("port") != GRPC_PORT or container_port(c, "grpc") != GRPC_PORT:
+            problems.append(f"{probe} probes port {g.get('port')}, the gRPC port is {container_port(c, 'grpc')}")
+        elif g.get("service") != service:
             problems.append(f"{probe} asks for service {g.get('service')!r}, want {service!r}")
     return problems
 
@@ -456,47 +333,36 @@ def check_rollout(docs: list[dict], sc: Scenario) -> list[str]:
     dep, problems = server(docs)
     if not dep:
         return problems
-    spec = dep["spec"]
-    strategy = spec.get("strategy", {})
-    if strategy.get("type") != "RollingUpdate":
-        problems.append(f"strategy is {strategy.get('type')}, not RollingUpdate")
-    ru = strategy.get("rollingUpdate", {}) or {}
-    if ru.get("maxUnavailable") not in (0, "0%"):
-        problems.append(f"maxUnavailable is {ru.get('maxUnavailable')!r}: a rollout would drop capacity")
+    spec, pod, c = dep["spec"], dep["spec"]["template"]["spec"], presence_container(dep)
+    ru = spec.get("strategy", {}).get("rollingUpdate") or {}
+    if spec.get("strategy", {}).get("type") != "RollingUpdate" or ru.get("maxUnavailable") not in (0, "0%"):
+        problems.append(f"strategy {spec.get('strategy')}: a rollout would drop capacity")
     if not ru.get("maxSurge"):
         problems.append("maxSurge is 0: with maxUnavailable 0 the rollout could never progress")
-    if sc.replicas is None:
-        if "replicas" in spec:
-            problems.append("the HPA owns the replica count, but the Deployment sets replicas")
-    elif spec.get("replicas") != sc.replicas:
+    if sc.replicas is None and "replicas" in spec:
+        problems.append("the HPA owns the replica count, but the Deployment sets replicas")
+    elif sc.replicas is not None and spec.get("replicas") != sc.replicas:
         problems.append(f"replicas is {spec.get('replicas')}, want {sc.replicas}")
 
-    pod = spec["template"]["spec"]
-    c = presence_container(dep)
-    env = env_map(c)
-    grace = int(env.get("PRESENCE_SHUTDOWN_GRACE", {}).get("value", "0s").rstrip("s") or 0)
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    grace = int(str(env.get("PRESENCE_SHUTDOWN_GRACE", "0s")).rstrip("s") or 0)
     pre_stop = (((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0)
     tgps = pod.get("terminationGracePeriodSeconds")
     if not isinstance(tgps, int) or tgps <= grace + pre_stop:
         problems.append(f"terminationGracePeriodSeconds {tgps!r} does not exceed preStop {pre_stop}s + drain {grace}s")
-    if sc.prestop_sleep and not pre_stop:
-        problems.append("no preStop sleep on a cluster that supports it")
-    if not sc.prestop_sleep and c.get("lifecycle"):
-        problems.append("a preStop sleep on a cluster older than 1.30, which rejects it")
+    if sc.prestop_sleep != bool(pre_stop):
+        problems.append(f"preStop sleep of {pre_stop}s on Kubernetes {sc.kube}: wanted from 1.30 on, refused before")
     if pod.get("enableServiceLinks") is not False:
         problems.append("enableServiceLinks is not false: Services would inject PRESENCE_* variables")
     if pod.get("automountServiceAccountToken") is not False:
         problems.append("the service account token is mounted, though Presence never calls the API")
-
-    tsc = pod.get("topologySpreadConstraints") or []
-    keys = {t.get("topologyKey") for t in tsc}
-    if "kubernetes.io/hostname" not in keys:
+    spread = pod.get("topologySpreadConstraints") or []
+    if "kubernetes.io/hostname" not in {t.get("topologyKey") for t in spread}:
         problems.append("no topology spread across nodes")
-    pod_labels = spec["template"]["metadata"]["labels"]
-    for t in tsc:
-        if not selects(t.get("labelSelector", {}).get("matchLabels", {}), pod_labels):
+    for t in spread:
+        if not selects(t.get("labelSelector", {}).get("matchLabels", {}), pod_labels(dep)):
             problems.append(f"spread on {t.get('topologyKey')} does not select the pods")
-    if not selects(spec["selector"]["matchLabels"], pod_labels):
+    if not selects(spec["selector"]["matchLabels"], pod_labels(dep)):
         problems.append("the Deployment's selector does not match its pods")
     res = c.get("resources", {})
     if not res.get("requests", {}).get("cpu") or not res.get("limits", {}).get("memory"):
@@ -504,109 +370,67 @@ def check_rollout(docs: list[dict], sc: Scenario) -> list[str]:
     return problems
 
 
-def check_env(docs: list[dict], sc: Scenario) -> list[str]:
+def check_env(docs: list[dict], sc: Scenario, known: set[str]) -> list[str]:
+    """Every variable the chart sets is one the service reads, and the
+    listeners are on the container's ports."""
     dep, problems = server(docs)
     if not dep:
         return problems
     c = presence_container(dep)
-    env = env_map(c)
-    unknown = {n for n in env if n.startswith("PRESENCE_")} - ENV_CONTRACT
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    unknown = {n for n in env if n.startswith("PRESENCE_") or n == "RUST_LOG"} - known
     if unknown:
         problems.append(f"variables the service does not read: {sorted(unknown)}")
-    for name in ENV_CONTRACT - {"PRESENCE_REDIS_URL"}:
-        if "value" not in env.get(name, {}):
-            problems.append(f"{name} is not set")
-    v = {n: e.get("value") for n, e in env.items()}
-    if not str(v.get("PRESENCE_LISTEN", "")).endswith(f":{container_port(c, 'grpc')}"):
-        problems.append(f"PRESENCE_LISTEN {v.get('PRESENCE_LISTEN')!r} is not the 'grpc' container port")
-    if not str(v.get("PRESENCE_METRICS_LISTEN", "")).endswith(f":{container_port(c, 'metrics')}"):
-        problems.append(f"PRESENCE_METRICS_LISTEN {v.get('PRESENCE_METRICS_LISTEN')!r} is not the 'metrics' port")
-    for name in ("PRESENCE_TICK_INTERVAL", "PRESENCE_REDIS_TIMEOUT", "PRESENCE_SHUTDOWN_GRACE"):
-        if name in v and not (DURATION.match(str(v[name])) or re.fullmatch(r"0s", str(v[name]))):
-            problems.append(f"{name} {v[name]!r} is not a duration the service parses")
-    if v.get("PRESENCE_LOG_FORMAT") != "json":
-        problems.append(f"PRESENCE_LOG_FORMAT is {v.get('PRESENCE_LOG_FORMAT')!r}; the chart's default is json")
-    if not str(v.get("PRESENCE_REDIS_POOL_SIZE", "")).isdigit():
-        problems.append("PRESENCE_REDIS_POOL_SIZE is not a number")
+    for var, port in (("PRESENCE_LISTEN", "grpc"), ("PRESENCE_METRICS_LISTEN", "metrics")):
+        if not str(env.get(var)).endswith(f":{container_port(c, port)}"):
+            problems.append(f"{var} {env.get(var)!r} is not the {port!r} container port")
     return problems
 
 
 def check_store(docs: list[dict], sc: Scenario) -> list[str]:
-    """Where the Redis URL comes from: always a secretKeyRef, to a Secret
-    that holds the right URL; nothing at all for the in-memory store."""
+    """The Redis URL always comes from a secretKeyRef, to a Secret holding
+    the right URL; nothing at all for the in-memory store."""
     dep, problems = server(docs)
     if not dep:
         return problems
-    env = env_map(presence_container(dep))
-    url_env = env.get("PRESENCE_REDIS_URL")
+    url_env = next((e for e in presence_container(dep).get("env", []) if e["name"] == "PRESENCE_REDIS_URL"), None)
     secrets = {s["metadata"]["name"]: s for s in of_kind(docs, "Secret")}
-    redis_deps = of_kind(docs, "Deployment", "trial-redis")
-    annotations = dep["spec"]["template"]["metadata"].get("annotations") or {}
-
+    trial = of_kind(docs, "Deployment", "trial-redis")
+    checksum = "checksum/redis-secret" in (dep["spec"]["template"]["metadata"].get("annotations") or {})
     if sc.store == "memory":
-        if url_env:
-            problems.append("in-memory store, yet PRESENCE_REDIS_URL is set")
-        if secrets or redis_deps:
-            problems.append("in-memory store, yet a Secret or a trial Redis is rendered")
-        return problems
-
-    if not url_env:
-        return problems + ["PRESENCE_REDIS_URL is not set"]
-    if "value" in url_env:
-        problems.append("PRESENCE_REDIS_URL is a plain value: it must come from a Secret")
-    ref = (url_env.get("valueFrom") or {}).get("secretKeyRef")
-    if not ref:
-        return problems + ["PRESENCE_REDIS_URL does not come from a secretKeyRef"]
-
+        return ["in-memory store, yet a Redis URL, Secret or trial Redis"] if url_env or secrets or trial else []
+    ref = ((url_env or {}).get("valueFrom") or {}).get("secretKeyRef")
+    if not ref or "value" in url_env:
+        return [f"PRESENCE_REDIS_URL does not come from a secretKeyRef alone: {url_env}"]
     if sc.store == "existing":
         if (ref.get("name"), ref.get("key")) != ("presence-redis", "url"):
             problems.append(f"secretKeyRef is {ref}, want the existing Secret presence-redis, key url")
-        if secrets:
-            problems.append(f"existingSecret given, yet the chart renders Secrets {sorted(secrets)}")
-        if "checksum/redis-secret" in annotations:
-            problems.append("a checksum of a Secret the chart does not own")
+        if secrets or checksum:
+            problems.append("existingSecret given, yet the chart renders (or hashes) a Secret of its own")
         return problems
-
-    secret = secrets.get(ref.get("name"))
-    if not secret:
-        return problems + [f"secretKeyRef names {ref.get('name')}, which the chart does not render"]
-    raw = (secret.get("data") or {}).get(ref.get("key"))
-    url = base64.b64decode(raw).decode() if raw else None
-    if "checksum/redis-secret" not in annotations:
+    raw = (secrets.get(ref.get("name"), {}).get("data") or {}).get(ref.get("key"))
+    url = decode(raw) if raw else None
+    if not checksum:
         problems.append("no checksum/redis-secret annotation: a new URL would not roll the pods")
-
     if sc.store == "url":
-        if url != EXTERNAL_URL:
-            problems.append(f"the Secret holds {url!r}, not the URL given in redis.url")
-        if redis_deps:
-            problems.append("external Redis, yet the trial Redis is rendered")
-    elif sc.store == "trial":
-        if len(redis_deps) != 1:
-            return problems + [f"expected one trial Redis Deployment, found {len(redis_deps)}"]
-        rd = redis_deps[0]
-        rsvc = of_kind(docs, "Service", "trial-redis")
-        if len(rsvc) != 1:
-            return problems + ["no Service for the trial Redis"]
-        host = f"{rsvc[0]['metadata']['name']}.{NAMESPACE}.svc"
-        if url != f"redis://{host}:6379/0":
-            problems.append(f"the Secret holds {url!r}, not the trial Redis' Service {host}:6379")
-        if not selects(rsvc[0]["spec"]["selector"], rd["spec"]["template"]["metadata"]["labels"]):
-            problems.append("the trial Redis Service does not select the trial Redis pod")
-        if selects(rsvc[0]["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"]):
-            problems.append("the trial Redis Service also selects presence pods")
-        rc = rd["spec"]["template"]["spec"]["containers"][0]
-        if not re.match(r"^(docker\.io/)?(library/)?redis:7(\.|$|-)", rc["image"]):
-            problems.append(f"trial Redis image {rc['image']!r} is not redis:7")
-        args = rc.get("args", [])
-        if "--save" not in args or args[args.index("--save") + 1] != "":
-            problems.append('trial Redis does not disable RDB snapshots (--save "")')
-        if "--appendonly" not in args or args[args.index("--appendonly") + 1] != "no":
-            problems.append("trial Redis does not disable the AOF")
-        if rd["spec"].get("replicas") != 1:
-            problems.append("trial Redis must be exactly one pod")
-        vols = rd["spec"]["template"]["spec"].get("volumes", [])
-        if any("persistentVolumeClaim" in v for v in vols):
-            problems.append("trial Redis has a persistent volume")
+        if url != EXTERNAL_URL or trial:
+            problems.append(f"the Secret holds {url!r}, not redis.url (or the trial Redis is rendered too)")
+        return problems
+    rsvc = of_kind(docs, "Service", "trial-redis")
+    if len(trial) != 1 or len(rsvc) != 1:
+        return problems + [f"expected one trial Redis Deployment and Service, found {len(trial)} and {len(rsvc)}"]
+    host = f"{rsvc[0]['metadata']['name']}.{NAMESPACE}.svc"
+    if url != f"redis://{host}:6379/0":
+        problems.append(f"the Secret holds {url!r}, not the trial Redis' Service {host}:6379")
+    selector = rsvc[0]["spec"]["selector"]
+    if not selects(selector, pod_labels(trial[0])) or selects(selector, pod_labels(dep)):
+        problems.append("the trial Redis Service does not select exactly the trial Redis pod")
+    args = trial[0]["spec"]["template"]["spec"]["containers"][0].get("args", [])
+    flags = dict(zip(args[::2], args[1::2]))
+    if (flags.get("--save"), flags.get("--appendonly")) != ("", "no"):
+        problems.append(f'the trial Redis keeps data: args {args}, want --save "" --appendonly no')
+    if trial[0]["spec"].get("replicas") != 1:
+        problems.append("trial Redis must be exactly one pod")
     return problems
 
 
@@ -614,461 +438,330 @@ def check_service(docs: list[dict], sc: Scenario) -> list[str]:
     dep, problems = server(docs)
     if not dep:
         return problems
-    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
-    c = presence_container(dep)
     svcs = [s for s in of_kind(docs, "Service", "server") if s["spec"].get("clusterIP") != "None"]
-    if len(svcs) != 1:
-        return problems + [f"expected one ClusterIP Service for presence, found {len(svcs)}"]
-    svc = svcs[0]
-    if svc["spec"].get("type") != "ClusterIP":
-        problems.append(f"Service type {svc['spec'].get('type')}, want ClusterIP")
-    if not selects(svc["spec"]["selector"], pod_labels):
-        problems.append("the Service does not select the presence pods")
-    ports = {p.get("name"): p for p in svc["spec"]["ports"]}
-    grpc = ports.get("grpc")
-    if not grpc:
-        problems.append("no Service port named grpc")
-    else:
-        if grpc.get("appProtocol") not in ("kubernetes.io/h2c", "grpc"):
-            problems.append(f"grpc port appProtocol is {grpc.get('appProtocol')!r}")
-        if grpc.get("targetPort") not in ("grpc", GRPC_PORT) or grpc.get("port") != GRPC_PORT:
-            problems.append(f"grpc port maps {grpc.get('port')} -> {grpc.get('targetPort')}")
-    metrics = ports.get("metrics")
-    if not metrics:
-        problems.append("no Service port named metrics")
-    elif metrics.get("targetPort") not in ("metrics", container_port(c, "metrics")):
-        problems.append(f"metrics port targets {metrics.get('targetPort')}")
     headless = [s for s in of_kind(docs, "Service", "server") if s["spec"].get("clusterIP") == "None"]
-    if sc.headless != bool(headless):
-        problems.append(f"headless Service rendered: {bool(headless)}, expected: {sc.headless}")
-    for h in headless:
-        if not selects(h["spec"]["selector"], pod_labels):
-            problems.append("the headless Service does not select the presence pods")
+    if len(svcs) != 1 or svcs[0]["spec"].get("type") != "ClusterIP":
+        return problems + [f"expected one ClusterIP Service for presence, found {len(svcs)}"]
+    ports = {p.get("name"): p for p in svcs[0]["spec"]["ports"]}
+    grpc, metrics = ports.get("grpc") or {}, ports.get("metrics") or {}
+    if grpc.get("appProtocol") not in ("kubernetes.io/h2c", "grpc"):
+        problems.append(f"grpc port appProtocol is {grpc.get('appProtocol')!r}")
+    if grpc.get("targetPort") not in ("grpc", GRPC_PORT) or grpc.get("port") != GRPC_PORT:
+        problems.append(f"grpc port maps {grpc.get('port')} -> {grpc.get('targetPort')}")
+    if metrics.get("targetPort") not in ("metrics", METRICS_PORT):
+        problems.append(f"metrics port targets {metrics.get('targetPort')}")
+    if sc.on("service.headless") != bool(headless):
+        problems.append(f"headless Service rendered: {bool(headless)}, expected: {sc.on('service.headless')}")
+    for s in svcs + headless:
+        if not selects(s["spec"]["selector"], pod_labels(dep)):
+            problems.append(f"Service {s['metadata']['name']} does not select the presence pods")
     return problems
+
+
+def present(docs: list[dict], kind: str, wanted: bool) -> list[str]:
+    found = of_kind(docs, kind)
+    return [] if wanted == bool(found) else [f"{kind} rendered: {bool(found)}, expected: {wanted}"]
 
 
 def check_optional(docs: list[dict], sc: Scenario) -> list[str]:
-    """HPA, PDB, ServiceMonitor, NetworkPolicy: present exactly when
-    expected, and pointing at the right things."""
+    """HPA, PDB, NetworkPolicy: present exactly when expected, pointing at
+    the right things."""
     dep, problems = server(docs)
     if not dep:
         return problems
-    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
-    name = dep["metadata"]["name"]
-
-    hpas = of_kind(docs, "HorizontalPodAutoscaler")
-    if sc.hpa != bool(hpas):
-        problems.append(f"HPA rendered: {bool(hpas)}, expected: {sc.hpa}")
-    for h in hpas:
-        if h["apiVersion"] != "autoscaling/v2":
-            problems.append(f"HPA is {h['apiVersion']}, want autoscaling/v2")
+    labels = pod_labels(dep)
+    problems += present(docs, "HorizontalPodAutoscaler", sc.on("autoscaling.enabled"))
+    for h in of_kind(docs, "HorizontalPodAutoscaler"):
         ref = h["spec"]["scaleTargetRef"]
-        if (ref.get("kind"), ref.get("name")) != ("Deployment", name):
-            problems.append(f"HPA scales {ref}, not Deployment/{name}")
-        if h["spec"]["minReplicas"] > h["spec"]["maxReplicas"]:
-            problems.append("HPA minReplicas above maxReplicas")
-
-    pdbs = of_kind(docs, "PodDisruptionBudget")
-    if sc.pdb != bool(pdbs):
-        problems.append(f"PDB rendered: {bool(pdbs)}, expected: {sc.pdb}")
-    for p in pdbs:
-        if not selects(p["spec"]["selector"]["matchLabels"], pod_labels):
+        if (ref.get("kind"), ref.get("name")) != ("Deployment", dep["metadata"]["name"]):
+            problems.append(f"HPA scales {ref}, not the presence Deployment")
+    problems += present(docs, "PodDisruptionBudget", sc.pdb)
+    for p in of_kind(docs, "PodDisruptionBudget"):
+        if not selects(p["spec"]["selector"]["matchLabels"], labels):
             problems.append("the PDB does not select the presence pods")
-        if "minAvailable" in p["spec"] and "maxUnavailable" in p["spec"]:
-            problems.append("the PDB sets both minAvailable and maxUnavailable")
-
-    sms = of_kind(docs, "ServiceMonitor")
-    if sc.service_monitor != bool(sms):
-        problems.append(f"ServiceMonitor rendered: {bool(sms)}, expected: {sc.service_monitor}")
-    for sm in sms:
-        # No schema for this CRD offline: check what it must point at.
-        svcs = [
-            s
-            for s in of_kind(docs, "Service")
-            if selects(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
-        ]
-        scraped = [s for s in svcs if any(p.get("name") == "metrics" for p in s["spec"]["ports"])]
-        if len(scraped) != 1:
-            problems.append(f"ServiceMonitor reaches {len(scraped)} Services with a metrics port, want 1")
-        for ep in sm["spec"].get("endpoints", []):
-            if ep.get("port") != "metrics" or ep.get("path") != "/metrics":
-                problems.append(f"ServiceMonitor endpoint {ep} is not port metrics, path /metrics")
-        if not sm["spec"].get("endpoints"):
-            problems.append("ServiceMonitor has no endpoints")
 
     nps = of_kind(docs, "NetworkPolicy")
-    if sc.network_policy != bool(nps):
-        problems.append(f"NetworkPolicy rendered: {bool(nps)}, expected: {sc.network_policy}")
-    if nps:
-        own = [n for n in nps if selects(n["spec"]["podSelector"]["matchLabels"], pod_labels)]
-        if len(own) != 1:
-            problems.append(f"{len(own)} NetworkPolicies select the presence pods, want 1")
-        else:
-            allowed = {p.get("port") for rule in own[0]["spec"].get("ingress", []) for p in rule.get("ports", [])}
-            if not {"grpc", "metrics"} <= allowed:
-                problems.append(f"presence NetworkPolicy opens {allowed}, not grpc and metrics")
-            has_egress = "Egress" in own[0]["spec"].get("policyTypes", [])
-            if has_egress != sc.egress:
-                problems.append(f"egress restricted: {has_egress}, expected: {sc.egress}")
-            if has_egress:
-                ports = {
-                    (p.get("port"), p.get("protocol"))
-                    for r in own[0]["spec"].get("egress", [])
-                    for p in r.get("ports", [])
-                }
-                if (53, "UDP") not in ports or (6379, "TCP") not in ports:
-                    problems.append(f"egress allows {sorted(ports, key=str)}, not DNS and Redis")
-        redis_pods = of_kind(docs, "Deployment", "trial-redis")
-        if redis_pods:
-            rlabels = redis_pods[0]["spec"]["template"]["metadata"]["labels"]
-            guard = [n for n in nps if selects(n["spec"]["podSelector"]["matchLabels"], rlabels)]
-            if len(guard) != 1:
-                problems.append("the trial Redis (no password) has no NetworkPolicy")
-            else:
-                peers = [p for r in guard[0]["spec"].get("ingress", []) for p in r.get("from", [])]
-                if not peers or not all(
-                    selects(p.get("podSelector", {}).get("matchLabels", {}), pod_labels)
-                    and "namespaceSelector" not in p
-                    for p in peers
-                ):
-                    problems.append("the trial Redis accepts connections from more than the presence pods")
+    problems += present(docs, "NetworkPolicy", sc.on("networkPolicy.enabled"))
+    own = [n for n in nps if selects(n["spec"]["podSelector"]["matchLabels"], labels)]
+    if nps and len(own) != 1:
+        problems.append(f"{len(own)} NetworkPolicies select the presence pods, want 1")
+    elif own:
+        spec = own[0]["spec"]
+        opened = {p.get("port") for rule in spec.get("ingress", []) for p in rule.get("ports", [])}
+        if not {"grpc", "metrics"} <= opened:
+            problems.append(f"presence NetworkPolicy opens {opened}, not grpc and metrics")
+        egress = sc.on("networkPolicy.egress.enabled")
+        if ("Egress" in spec.get("policyTypes", [])) != egress:
+            problems.append(f"egress restricted: {not egress}, expected: {egress}")
+        allowed = {(p.get("port"), p.get("protocol")) for r in spec.get("egress", []) for p in r.get("ports", [])}
+        if egress and not {(53, "UDP"), (6379, "TCP")} <= allowed:
+            problems.append(f"egress allows {sorted(allowed, key=str)}, not DNS and Redis")
+    trial = of_kind(docs, "Deployment", "trial-redis")
+    if nps and trial:
+        guard = [n for n in nps if selects(n["spec"]["podSelector"]["matchLabels"], pod_labels(trial[0]))]
+        peers = [p for n in guard for r in n["spec"].get("ingress", []) for p in r.get("from", [])]
+        if len(guard) != 1 or not peers or not all(
+            selects(p.get("podSelector", {}).get("matchLabels", {}), labels) and "namespaceSelector" not in p
+            for p in peers
+        ):
+            problems.append("the trial Redis (no password) is not reachable by the presence pods alone")
     return problems
+
+
+def check_monitoring(docs: list[dict], sc: Scenario, chart: Path) -> list[str]:
+    """ServiceMonitor, dashboard ConfigMap and PrometheusRule: present
+    exactly when asked for; scraping the metrics port; the dashboard as
+    Grafana's sidecar loads it, every query on its data source variable and
+    scoped to one release; every rule well formed and scoped to the
+    release's series."""
+    values = sc.values
+    problems = present(docs, "ServiceMonitor", sc.on("serviceMonitor.enabled"))
+    for sm in of_kind(docs, "ServiceMonitor"):
+        match = sm["spec"]["selector"]["matchLabels"]
+        svcs = [s for s in of_kind(docs, "Service") if selects(match, s["metadata"]["labels"])]
+        if len([s for s in svcs if any(p.get("name") == "metrics" for p in s["spec"]["ports"])]) != 1:
+            problems.append("the ServiceMonitor does not reach exactly one Service with a metrics port")
+        endpoints = sm["spec"].get("endpoints") or [{}]
+        if any((ep.get("port"), ep.get("path")) != ("metrics", "/metrics") for ep in endpoints):
+            problems.append(f"ServiceMonitor endpoints {endpoints} are not port metrics, path /metrics")
+
+    maps = [c for c in of_kind(docs, "ConfigMap") if any(k.endswith(".json") for k in c.get("data", {}))]
+    problems += [] if sc.on("dashboard.enabled") == bool(maps) else [f"dashboard ConfigMaps: {len(maps)}"]
+    for cm in maps:
+        label = values.get("dashboard.labels.grafana_dashboard", "1")
+        if (cm["metadata"].get("labels") or {}).get("grafana_dashboard") != label:
+            problems.append(f"the dashboard ConfigMap lacks the sidecar's label grafana_dashboard: {label!r}")
+        if cm["metadata"].get("namespace") != values.get("dashboard.namespace", NAMESPACE):
+            problems.append(f"the dashboard ConfigMap is in namespace {cm['metadata'].get('namespace')!r}")
+        (name, text), *more = cm["data"].items()
+        dashboard = json.loads(text)
+        if more or dashboard != json.loads((chart / "dashboards" / name).read_text()):
+            problems.append(f"the ConfigMap does not hold dashboards/{name} alone, unchanged")
+        problems += dashboard_problems(dashboard)
+
+    problems += present(docs, "PrometheusRule", sc.on("prometheusRule.enabled"))
+    want = {"job": FULLNAME, "namespace": NAMESPACE}
+    if "prometheusRule.seriesSelector" in values:
+        want = dict(re.findall(r'(\w+)="([^"]*)"', values["prometheusRule.seriesSelector"]))
+    for pr in of_kind(docs, "PrometheusRule"):
+        extra = {k.split(".")[-1]: v for k, v in values.items() if k.startswith("prometheusRule.labels.")}
+        if not extra.items() <= pr["metadata"]["labels"].items():
+            problems.append(f"the PrometheusRule lacks the labels {extra} the operator selects it by")
+        alert_labels = {k.split(".")[-1]: v for k, v in values.items() if k.startswith("prometheusRule.alertLabels.")}
+        problems += rule_problems(pr["spec"], want, alert_labels)
+    return problems
+
+
+def dashboard_problems(dashboard: dict) -> list[str]:
+    problems = []
+    variables = {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
+    ds = variables.get("datasource", {})
+    if (ds.get("type"), ds.get("query")) != ("datasource", "prometheus"):
+        problems.append("no data source variable `datasource` of type prometheus")
+    panels = [p for top in dashboard["panels"] for p in [top, *top.get("panels", [])]]
+    ids = [p["id"] for p in panels]
+    if len(ids) != len(set(ids)):
+        problems.append(f"panel ids repeat: {ids}")
+    for p in panels:
+        if p["type"] == "row":
+            continue
+        for owner in [p, *p.get("targets", [])]:
+            if owner.get("datasource") != {"type": "prometheus", "uid": "${datasource}"}:
+                problems.append(f"[{p['title']}] data source {owner.get('datasource')}, not the variable")
+        if not p.get("targets"):
+            problems.append(f"[{p['title']}] has no query")
+        for t in p.get("targets", []):
+            for s in selectors(t["expr"]):
+                if not (s.has("namespace", "=", "$namespace") and s.has("job", "=", "$job")):
+                    problems.append(f"[{p['title']}] {s.text()} is not scoped to $namespace and $job")
+    return problems
+
+
+def rule_problems(spec: dict, want: dict[str, str], alert_labels: dict[str, str]) -> list[str]:
+    problems = []
+    groups = spec.get("groups") or []
+    if not groups or len({g.get("name") for g in groups}) != len(groups):
+        problems.append("no rule groups, or group names repeat")
+    for g in groups:
+        recorded = {r["record"] for r in g.get("rules", []) if "record" in r}
+        for r in g.get("rules") or [{}]:
+            name = r.get("alert") or r.get("record")
+            if ("alert" in r) == ("record" in r) or not isinstance(r.get("expr"), str) or not r["expr"].strip():
+                problems.append(f"rule {name}: needs one of alert or record, and an expr")
+                continue
+            if "for" in r and not PROM_DURATION.match(str(r["for"])):
+                problems.append(f"rule {name}: for {r['for']!r} is not a Prometheus duration")
+            for key in ("labels", "annotations"):
+                if not all(isinstance(v, str) for v in (r.get(key) or {}).values()):
+                    problems.append(f"rule {name}: {key} must be strings")
+            if "alert" in r:
+                labels, notes = r.get("labels") or {}, r.get("annotations") or {}
+                if labels.get("severity") not in SEVERITIES or alert_labels.items() - labels.items():
+                    problems.append(f"alert {name}: labels {labels} lack a severity or {alert_labels}")
+                if not notes.get("summary") or name not in notes.get("description", ""):
+                    problems.append(f"alert {name}: needs a summary, and a description naming its runbook")
+            for s in selectors(r["expr"]):
+                if s.metric not in recorded and not all(s.has(k, "=", v) for k, v in want.items()):
+                    problems.append(f"rule {name}: {s.text()} is not scoped to {want}")
+    return problems
+
+
+def decode(value: str) -> str:
+    return base64.b64decode(value).decode()
 
 
 def check_secrecy(docs: list[dict], sc: Scenario, text: str) -> list[str]:
-    """The external URL (with its password) appears only base64-encoded in
-    the Secret, never in clear anywhere in the render."""
+    """The external URL (with its password) appears only base64-encoded, in
+    one Secret."""
     if sc.store != "url":
         return []
-    problems = []
-    if "s3cret-Pa55" in text:
-        problems.append("the Redis password appears in clear in the rendered manifests")
-    if (
-        sum(
-            1
-            for s in of_kind(docs, "Secret")
-            if any(base64.b64decode(v).decode() == EXTERNAL_URL for v in (s.get("data") or {}).values())
-        )
-        != 1
-    ):
-        problems.append("the URL is not in exactly one Secret")
-    return problems
+    problems = ["the Redis password appears in clear in the render"] if "s3cret-Pa55" in text else []
+    holders = [s for s in of_kind(docs, "Secret") if EXTERNAL_URL in map(decode, (s.get("data") or {}).values())]
+    return problems + ([] if len(holders) == 1 else [f"the URL is in {len(holders)} Secrets, not one"])
 
 
-PER_SCENARIO = [
-    ("Kubernetes API schemas", check_schemas),
-    ("restricted security context", check_restricted),
-    ("standard labels", check_labels),
-    ("gRPC probes", check_probes),
-    ("rollout, shutdown and placement", check_rollout),
-    ("environment matches the service's contract", check_env),
-    ("Redis URL source", check_store),
-    ("Service ports", check_service),
-    ("optional resources", check_optional),
-]
-
-
-# --- The Dockerfile against the chart, Cargo.toml and .dockerignore ---------
-
-
-def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", text)
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
-def dockerignored(patterns: list[str], path: str) -> bool:
-    """Docker's rule, simplified: the last pattern that matches the path or
-    one of its parent folders decides."""
-    parts = path.split("/")
-    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    ignored = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pat = pattern.lstrip("!").strip("/")
-        if any(fnmatch.fnmatchcase(c, pat) for c in candidates):
-            ignored = not negate
-    return ignored
-
-
-def check_dockerfile(
-    repo: Path, values: dict, cargo: dict | None, dockerfile: str | None = None, dockerignore: str | None = None
-) -> list[str]:
-    """The texts default to the repository's files; the self-tests pass
-    broken copies."""
-    problems = []
-    if dockerfile is None:
-        dockerfile = (repo / "Dockerfile").read_text()
-    if dockerignore is None:
-        dockerignore = (repo / ".dockerignore").read_text()
-    ins = dockerfile_instructions(dockerfile)
-    froms = [rest for word, rest in ins if word == "FROM"]
-    if len(froms) < 2:
-        problems.append("not a multi-stage build")
-    for f in froms:
-        image = f.split()[0]
-        if ":" not in image.split("/")[-1] and "@" not in image:
-            problems.append(f"base image {image} has no tag")
-        if image.endswith(":latest"):
-            problems.append(f"base image {image} is :latest")
-    rust = next((f.split()[0] for f in froms if f.startswith("rust:")), None)
-    m = re.match(r"rust:(\d+)\.(\d+)(?:\.(\d+))?-slim-bookworm$", rust or "")
-    if not m:
-        problems.append(f"build stage {rust!r} is not a pinned rust:<version>-slim-bookworm")
-    final = froms[-1].split()[0] if froms else ""
-    if "cc-debian12" not in final and "bookworm" not in final:
-        problems.append(f"runtime {final} is not bookworm-based like the build stage (glibc)")
-
-    # The final stage's instructions.
-    last_from = max(i for i, (w, _) in enumerate(ins) if w == "FROM")
-    final_ins = ins[last_from:]
-    users = [rest for w, rest in final_ins if w == "USER"]
-    if not users or not re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", users[-1]):
-        problems.append(f"runtime USER is {users[-1] if users else None!r}, not a numeric non-root uid")
-    else:
-        uid = int(users[-1].split(":")[0])
-        chart_uid = values["securityContext"]["runAsUser"]
-        if uid != chart_uid:
-            problems.append(f"image USER {uid} differs from the chart's runAsUser {chart_uid}")
-    exposed = {int(p.split("/")[0]) for w, rest in final_ins if w == "EXPOSE" for p in rest.split()}
-    chart_ports = {values["containerPorts"]["grpc"], values["containerPorts"]["metrics"]}
-    if exposed != chart_ports or exposed != {GRPC_PORT, METRICS_PORT}:
-        problems.append(f"EXPOSE {sorted(exposed)} vs chart containerPorts {sorted(chart_ports)}")
-    entry = [rest for w, rest in final_ins if w == "ENTRYPOINT"]
-    try:
-        entry_argv = json.loads(entry[-1]) if entry else None
-    except json.JSONDecodeError:
-        entry_argv = None
-    if not entry_argv:
-        problems.append("ENTRYPOINT is missing or not in exec form (the binary must be PID 1 to get SIGTERM)")
-    elif Path(entry_argv[0]).name != "presence":
-        problems.append(f"ENTRYPOINT runs {entry_argv[0]}, not the presence binary")
-    if not any(w == "RUN" and "cargo build" in r and "--locked" in r for w, r in ins):
-        problems.append("cargo build without --locked: the image would not use Cargo.lock")
-
-    # COPY sources exist and are let through by .dockerignore.
-    patterns = [line.strip() for line in dockerignore.splitlines() if line.strip() and not line.startswith("#")]
-    for w, rest in ins:
-        if w != "COPY" or "--from=" in rest:
-            continue
-        for src in rest.split()[:-1]:
-            if src.startswith("--"):
-                continue
-            if not (repo / src).exists():
-                problems.append(f"COPY {src}: no such file in the repository")
-            elif dockerignored(patterns, src.rstrip("/")):
-                problems.append(f"COPY {src}: excluded by .dockerignore")
-    for junk in (
-        "target/release/presence",
-        ".git/config",
-        "examples/node/node_modules/x/index.js",
-        "helm/presence/values.yaml",
-        ".env",
-    ):
-        if not dockerignored(patterns, junk):
-            problems.append(f".dockerignore lets {junk} into the build context")
-
-    if cargo:
-        bins = [t["name"] for t in cargo["targets"] if "bin" in t["kind"]]
-        if "presence" not in bins:
-            problems.append(f"Cargo.toml has no `presence` binary (bins: {bins})")
-        need = cargo.get("rust_version")
-        if m and need:
-            have = tuple(int(x) for x in m.groups() if x is not None)
-            want = tuple(int(x) for x in need.split("."))
-            if have[: len(want)] < want:
-                problems.append(f"the build stage's Rust {rust} is older than rust-version {need}")
-    return problems
-
-
-# --- NOTES.txt --------------------------------------------------------------
+# --- NOTES.txt and the README ------------------------------------------------
 
 
 def check_notes(helm: Helm, repo: Path) -> list[str]:
+    """The commands NOTES.txt prints name real Services, ports, Deployments,
+    RPCs and fields, and it never prints the Redis URL."""
     problems = []
     proto = (repo / "proto/presence/v1/presence.proto").read_text()
     rpcs = set(re.findall(r"rpc\s+(\w+)\s*\(", proto))
     fields = set(re.findall(r"^\s*(?:repeated\s+)?\w+\s+(\w+)\s*=\s*\d+;", proto, re.MULTILINE))
-    for sets, label in ((EXTERNAL, "external URL"), ([], "defaults"), (EXISTING, "existing Secret")):
-        rc, notes = helm.notes(sets)
+    for values, label in ((EXTERNAL, "external URL"), ([], "defaults"), (EXISTING, "existing Secret")):
+        rc, notes = helm.notes(values)
         if rc != 0:
             problems.append(f"{label}: helm install --dry-run failed: {notes.strip()[:200]}")
             continue
         if "s3cret-Pa55" in notes or "redis.prod.internal" in notes:
             problems.append(f"{label}: NOTES print the Redis URL")
-        rendered = load_docs(helm.template(sets).stdout)
+        rendered = load_docs(helm.template(values).stdout)
         svc_names = {s["metadata"]["name"] for s in of_kind(rendered, "Service", "server")}
-        dep_names = {d["metadata"]["name"] for d in of_kind(rendered, "Deployment", "server")}
         pf = re.search(r"kubectl --namespace (\S+) port-forward service/(\S+) (\d+):(\d+) (\d+):(\d+)", notes)
-        if not pf:
-            problems.append(f"{label}: no `kubectl port-forward service/...` command")
-        else:
-            ns, svc, _, gport, _, mport = pf.groups()
-            if ns != NAMESPACE or svc not in svc_names or (int(gport), int(mport)) != (GRPC_PORT, METRICS_PORT):
-                problems.append(f"{label}: port-forward targets {ns}/{svc} {gport},{mport}: no such Service port")
+        if not pf or (pf[1], int(pf[4]), int(pf[6])) != (NAMESPACE, GRPC_PORT, METRICS_PORT) or pf[2] not in svc_names:
+            problems.append(f"{label}: no `kubectl port-forward` to a rendered Service's ports")
         rs = re.search(r"rollout status deployment/(\S+)", notes)
-        if not rs or rs.group(1) not in dep_names:
+        if not rs or rs[1] not in {d["metadata"]["name"] for d in of_kind(rendered, "Deployment", "server")}:
             problems.append(f"{label}: rollout status names no rendered Deployment")
         calls = re.findall(r"grpcurl -plaintext (?:-d '([^']*)' )?127\.0\.0\.1:50051 (\S+)", notes)
-        if not any(m == "list" for _, m in calls):
+        if ("", "list") not in calls:
             problems.append(f"{label}: no `grpcurl ... list`")
         for body, method in calls:
-            if method == "list":
-                continue
-            svc, _, rpc = method.partition("/")
-            if svc == "presence.v1.Presence" and rpc not in rpcs:
-                problems.append(f"{label}: NOTES call {method}, not an RPC of presence.proto")
-            elif svc == "grpc.health.v1.Health" and rpc != "Check":
-                problems.append(f"{label}: NOTES call {method}")
-            elif svc not in ("presence.v1.Presence", "grpc.health.v1.Health"):
-                problems.append(f"{label}: NOTES call unknown service {svc}")
+            service, _, rpc = method.partition("/")
+            ok = {"presence.v1.Presence": rpc in rpcs, "grpc.health.v1.Health": rpc == "Check"}.get(service)
+            if method != "list" and not ok:
+                problems.append(f"{label}: NOTES call {method}, which the service does not have")
             try:
                 keys = set(json.loads(body or "{}"))
             except json.JSONDecodeError:
                 problems.append(f"{label}: request body {body!r} is not JSON")
                 continue
-            if svc == "presence.v1.Presence" and keys - fields:
+            if service == "presence.v1.Presence" and keys - fields:
                 problems.append(f"{label}: {method} body has fields {sorted(keys - fields)} not in the proto")
     return problems
 
 
-# --- README values table ----------------------------------------------------
-
-
-def leaf_keys(d: dict, prefix: str = "") -> list[str]:
+def leaf_keys(values: dict, schema: dict, prefix: str = "") -> list[str]:
+    """The values a user sets one by one: maps with their own properties in
+    the schema are opened, free-form maps (labels, resources) are one."""
     out = []
-    for k, v in d.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, dict) and v and k not in ("resources", "behavior", "podSecurityContext", "securityContext"):
-            out += leaf_keys(v, path + ".")
+    for k, v in values.items():
+        props = (schema.get("properties") or {}).get(k, {})
+        if isinstance(v, dict) and v and props.get("properties"):
+            out += leaf_keys(v, props, f"{prefix}{k}.")
         else:
-            out.append(path)
+            out.append(f"{prefix}{k}")
     return out
 
 
-def check_readme(chart: Path, values: dict) -> list[str]:
-    """Every values key has a row in the README's table, and every row's
-    default is the one in values.yaml."""
-    readme = (chart / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `([^`]+)` \| [^|]+ \| ([^|]+) \|", readme, re.MULTILINE))
-    keys = leaf_keys(values)
+def check_readme(chart: Path, values: dict, schema: dict, alerts: list[str], readme: str | None = None) -> list[str]:
+    """Every value has a row in the Values table with the default of
+    values.yaml, and every alert a runbook."""
+    readme = readme if readme is not None else (chart / "README.md").read_text()
+    table = readme.split("\n## Values\n", 1)[-1]
+    rows = dict(re.findall(r"^\| `([^`]+)` \| [^|]+ \| ([^|]+) \|", table, re.MULTILINE))
+    keys = leaf_keys(values, schema)
     problems = [f"values key {k} is not in the README's table" for k in keys if k not in rows]
     problems += [f"README documents {k}, which values.yaml does not have" for k in rows if k not in keys]
     for k, default in rows.items():
-        default = default.strip()
-        if k not in keys or not default.startswith("`"):
-            continue  # "see values.yaml"
-        actual = values
-        for part in k.split("."):
-            actual = actual[part]
-        try:
-            documented = json.loads(default.strip("`"))
-        except json.JSONDecodeError:
-            problems.append(f"README default of {k} is not JSON: {default}")
-            continue
-        if documented != actual:
-            problems.append(f"README says {k} defaults to {documented!r}, values.yaml has {actual!r}")
+        if k in keys and default.strip().startswith("`"):  # else "see values.yaml"
+            actual = values
+            for part in k.split("."):
+                actual = actual[part]
+            try:
+                if json.loads(default.strip().strip("`")) != actual:
+                    problems.append(f"README says {k} defaults to {default.strip()}, values.yaml has {actual!r}")
+            except json.JSONDecodeError:
+                problems.append(f"README default of {k} is not JSON: {default}")
+    runbooks = set(re.findall(r"^#### (\w+)$", readme, re.MULTILINE))
+    problems += [f"alert {a} has no runbook (#### {a})" for a in alerts if a not in runbooks]
+    problems += [f"runbook {r} is for no alert" for r in runbooks - set(alerts)]
     return problems
 
 
-# --- Mutation self-tests ----------------------------------------------------
+# --- Self-tests: every check can fail ---------------------------------------
 
 
-def mutations(docs: list[dict]) -> list[tuple[str, str, object]]:
-    """(what is broken, which assertion must notice, how to break it)."""
+def mutations() -> list[tuple[str, str, object]]:
+    """(what is broken, which check must notice, how to break a render)."""
 
-    def dep(ds):
-        return next(
-            d
-            for d in ds
-            if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "server"
-        )
+    def one(ds, kind, component=None):
+        return of_kind(ds, kind, component)[0]
+
+    def pod(ds, component="server"):
+        return one(ds, "Deployment", component)["spec"]["template"]["spec"]
 
     def cont(ds):
-        return presence_container(dep(ds))
+        return pod(ds)["containers"][0]
 
     def env(ds, name):
         return next(e for e in cont(ds)["env"] if e["name"] == name)
 
-    def secret_env_to_value(ds):
-        e = env(ds, "PRESENCE_REDIS_URL")
-        e.pop("valueFrom")
-        e["value"] = "redis://leaked"
+    def panel(ds, edit):
+        cm = one(ds, "ConfigMap")
+        dashboard = json.loads(cm["data"]["presence.json"])
+        edit(next(p for p in dashboard["panels"] if p["type"] != "row"))
+        cm["data"]["presence.json"] = json.dumps(dashboard)
 
-    def drop_drop_all(ds):
-        cont(ds)["securityContext"]["capabilities"]["drop"] = []
+    def not_serving(ds):
+        rules = one(ds, "PrometheusRule")["spec"]["groups"][0]["rules"]
+        return next(r for r in rules if r.get("alert") == "PresenceNotServing")
 
-    def root_redis(ds):
-        rd = next(d for d in ds if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-redis"))
-        rd["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsUser"] = 0
+    def unscoped(p):
+        p["targets"][0]["expr"] = p["targets"][0]["expr"].replace(', job="$job"', "")
 
+    def probe(ds, name):
+        return cont(ds)[name]["grpc"]
+
+    def security_context(ds, component="server"):
+        return pod(ds, component)["containers"][0]["securityContext"]
+
+    probes, security, rollout, monitoring = "gRPC probes", "restricted security context", "rollout", "monitoring"
     return [
-        (
-            'readiness asks for service ""',
-            "gRPC probes",
-            lambda ds: cont(ds)["readinessProbe"]["grpc"].update(service=""),
-        ),
-        (
-            "liveness asks for presence.v1.Presence",
-            "gRPC probes",
-            lambda ds: cont(ds)["livenessProbe"]["grpc"].update(service=READINESS_SERVICE),
-        ),
-        (
-            "readiness on the metrics port",
-            "gRPC probes",
-            lambda ds: cont(ds)["readinessProbe"]["grpc"].update(port=METRICS_PORT),
-        ),
-        (
-            "startup probe over HTTP",
-            "gRPC probes",
-            lambda ds: cont(ds).update(startupProbe={"httpGet": {"path": "/", "port": 9090}}),
-        ),
-        ("Redis URL as a plain value", "Redis URL source", secret_env_to_value),
-        ("capabilities not dropped", "restricted security context", drop_drop_all),
-        ("trial Redis as root", "restricted security context", root_redis),
-        (
-            "writable root filesystem",
-            "restricted security context",
-            lambda ds: cont(ds)["securityContext"].update(readOnlyRootFilesystem=False),
-        ),
-        (
-            "rollout may drop a pod",
-            "rollout, shutdown and placement",
-            lambda ds: dep(ds)["spec"]["strategy"]["rollingUpdate"].update(maxUnavailable=1),
-        ),
-        (
-            "grace period shorter than the drain",
-            "rollout, shutdown and placement",
-            lambda ds: dep(ds)["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=10),
-        ),
-        (
-            "misspelt variable",
-            "environment matches the service's contract",
-            lambda ds: env(ds, "PRESENCE_TICK_INTERVAL").update(name="PRESENCE_TICK"),
-        ),
-        (
-            "gRPC port without appProtocol",
-            "Service ports",
-            lambda ds: next(s for s in ds if s["kind"] == "Service" and s["metadata"]["name"] == RELEASE + "-presence")[
-                "spec"
-            ]["ports"][0].pop("appProtocol"),
-        ),
-        (
-            "unknown field in the pod spec",
-            "Kubernetes API schemas",
-            lambda ds: dep(ds)["spec"]["template"]["spec"].update(terminationGracePeriod=30),
-        ),
-        (
-            "PDB missing with 2 replicas",
-            "optional resources",
-            lambda ds: ds.remove(next(d for d in ds if d["kind"] == "PodDisruptionBudget")),
-        ),
-    ]
+        ('readiness asks for service ""', probes, lambda ds: probe(ds, "readinessProbe").update(service="")),
+        ("liveness asks for Presence", probes, lambda ds: probe(ds, "livenessProbe").update(service=READINESS_SERVICE)),
+        ("readiness on the metrics port", probes, lambda ds: probe(ds, "readinessProbe").update(port=METRICS_PORT)),
+        ("startup probe over HTTP", probes, lambda ds: cont(ds).update(startupProbe={"httpGet": {"port": 9090}})),
+        ("Redis URL as a plain value", "Redis URL source", lambda ds: env(ds, "PRESENCE_REDIS_URL").update(value="x")),
+        ("capabilities not dropped", security, lambda ds: security_context(ds)["capabilities"].update(drop=[])),
+        ("writable root filesystem", security, lambda ds: security_context(ds).update(readOnlyRootFilesystem=False)),
+        ("trial Redis as root", security, lambda ds: security_context(ds, "trial-redis").update(runAsUser=0)),
+        ("rollout may drop a pod", rollout, lambda ds: server(ds)[0]["spec"].update(strategy={"type": "Recreate"})),
+        ("grace period shorter than the drain", rollout, lambda ds: pod(ds).update(terminationGracePeriodSeconds=10)),
+        ("misspelt variable", "environment", lambda ds: env(ds, "PRESENCE_TICK_INTERVAL").update(name="PRESENCE_TICK")),
+        ("no appProtocol", "Services", lambda ds: one(ds, "Service", "server")["spec"]["ports"][0].pop("appProtocol")),
+        ("unknown field in a pod spec", "Kubernetes API schemas", lambda ds: pod(ds).update(terminationGracePeriod=30)),
+        ("PDB missing with 2 replicas", "optional resources", lambda ds: ds.remove(one(ds, "PodDisruptionBudget"))),
+        ("no label for the sidecar", monitoring, lambda ds: one(ds, "ConfigMap")["metadata"].pop("labels")),
+        ("a panel on a fixed data source", monitoring, lambda ds: panel(ds, lambda p: p.update(datasource={}))),
+        ("a panel over every job", monitoring, lambda ds: panel(ds, unscoped)),
+        ("a rule over every namespace", monitoring, lambda ds: not_serving(ds).update(expr="presence_ready == 0")),
+        ("an alert without severity", monitoring, lambda ds: not_serving(ds)["labels"].pop("severity")),
+        ("a duration Prometheus cannot read", monitoring, lambda ds: not_serving(ds).update({"for": "2 minutes"})),
+        ("ServiceMonitor without endpoint", monitoring, lambda ds: one(ds, "ServiceMonitor")["spec"].pop("endpoints")),
+    ]  # fmt: skip
 
 
 # --- Main -------------------------------------------------------------------
@@ -1078,116 +771,83 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--helm", required=True)
     ap.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
-    ap.add_argument("--cargo-metadata", type=Path, help="output of `cargo metadata --locked --no-deps`")
     args = ap.parse_args()
     repo = args.repo.resolve()
     chart = repo / "helm/presence"
     helm = Helm(args.helm, chart)
     report = Report()
     values = yaml.safe_load((chart / "values.yaml").read_text())
+    schema = json.loads((chart / "values.schema.json").read_text())
+    known_env = service_env(repo)
+    checks = {
+        "Kubernetes API schemas": check_schemas,
+        "restricted security context": check_restricted,
+        "gRPC probes": check_probes,
+        "rollout": check_rollout,
+        "environment": lambda docs, sc: check_env(docs, sc, known_env),
+        "Redis URL source": check_store,
+        "Services": check_service,
+        "optional resources": check_optional,
+        "monitoring": lambda docs, sc: check_monitoring(docs, sc, chart),
+    }
 
     print("== helm lint --strict")
-    for label, sets in LINT_SETS:
-        r = helm.lint(sets)
-        report.record(f"lint: {label}", [] if r.returncode == 0 else [(r.stdout + r.stderr).strip()[-600:]])
-    r = helm.lint(["--set", "replicaCount=two"])
-    report.record("lint: rejects replicaCount=two", [] if r.returncode != 0 else ["helm lint passed a bad value"])
+    for sc in (s for s in SCENARIOS if s.lint):
+        r = helm.lint(sc.sets, sc.kube)
+        report.record(f"lint: {sc.name}", [] if r.returncode == 0 else [(r.stdout + r.stderr).strip()[-600:]])
 
-    print("== helm template, schema validation and assertions")
-    good: list[dict] | None = None
+    print("== helm template, schema validation and checks")
+    renders: dict[str, list[dict]] = {}
     for sc in SCENARIOS:
         r = helm.template(sc.sets, sc.kube)
         if r.returncode != 0:
             report.record(f"[{sc.name}] renders", [r.stderr.strip()])
             continue
-        docs = load_docs(r.stdout)
+        docs = renders[sc.name] = load_docs(r.stdout)
         report.record(f"[{sc.name}] renders ({len(docs)} manifests, Kubernetes {sc.kube})", [])
-        for label, fn in PER_SCENARIO:
-            report.record(f"[{sc.name}] {label}", fn(docs, sc))
+        for label, check in checks.items():
+            report.record(f"[{sc.name}] {label}", check(docs, sc))
         report.record(f"[{sc.name}] Redis password never in clear", check_secrecy(docs, sc, r.stdout))
-        if sc.name == "defaults":
-            good = docs
-    for (api, kind), why in SCHEMALESS.items():
-        report.note(
-            f"{kind} ({api}) is {why}: kubernetes-validate has no schema for it, so it gets "
-            "structural checks (selector, port, path) instead"
-        )
 
     print("== the pods roll when the Redis URL changes, and only then")
     sums = []
     for url in ("redis://a.internal:6379/0", "redis://a.internal:6379/0", "redis://b.internal:6379/0"):
-        docs = load_docs(
-            helm.template(["--set", "trialRedis.enabled=false", "--set-string", f"redis.url={url}"]).stdout
-        )
-        d, _ = server(docs)
-        sums.append(
-            (d or {})
-            .get("spec", {})
-            .get("template", {})
-            .get("metadata", {})
-            .get("annotations", {})
-            .get("checksum/redis-secret")
-        )
-    report.record(
-        "checksum/redis-secret is stable for one URL and changes with it",
-        [] if sums[0] and sums[0] == sums[1] != sums[2] else [f"checksums {sums}"],
-    )
+        r = helm.template(sets("trialRedis.enabled=false") + ["--set-string", f"redis.url={url}"])
+        dep, _ = server(load_docs(r.stdout))
+        sums.append((dep["spec"]["template"]["metadata"].get("annotations") or {}).get("checksum/redis-secret"))
+    stable_and_changing = sums[0] and sums[0] == sums[1] != sums[2]
+    report.record("checksum/redis-secret stays for a URL, changes with it", [] if stable_and_changing else [sums])
 
     print("== bad values fail to render, with a clear message")
-    for label, sets, expect in BAD_VALUES:
-        r = helm.template(sets)
-        if r.returncode == 0:
-            report.record(f"rejects {label}", ["rendered without error"])
-        elif expect not in r.stderr:
-            report.record(f"rejects {label}", [f"failed, but the message lacks {expect!r}: {r.stderr.strip()[:300]}"])
-        else:
-            report.record(f"rejects {label}", [])
+    for label, bad, expect in BAD_VALUES:
+        r = helm.template(bad)
+        problem = f"the message lacks {expect!r}: {r.stderr.strip()[:300]}" if r.returncode else "rendered"
+        report.record(f"rejects {label}", [] if r.returncode != 0 and expect in r.stderr else [problem])
 
-    print("== NOTES.txt")
+    print("== NOTES.txt and README")
     report.record("NOTES: commands name real objects and RPCs, and no secret", check_notes(helm, repo))
+    base = renders.get(MUTATION_BASE, [])
+    groups = [g for pr in of_kind(base, "PrometheusRule") for g in pr["spec"]["groups"]]
+    alerts = [r["alert"] for g in groups for r in g["rules"] if "alert" in r]
+    report.record("README: the values table, a runbook per alert", check_readme(chart, values, schema, alerts))
+    print(f"== self-tests: every check notices a broken copy of [{MUTATION_BASE}]")
+    sc = next(s for s in SCENARIOS if s.name == MUTATION_BASE)
+    for what, check_name, mutate in mutations() if base else []:
+        docs = copy.deepcopy(base)
+        mutate(docs)
+        report.record(f"'{check_name}' notices: {what}", [] if checks[check_name](docs, sc) else ["it passed"])
+    readme = (chart / "README.md").read_text()
+    for what, text in (
+        ("a runbook missing", readme.replace("#### PresenceNoRotation", "#### Rotation")),
+        ("a wrong default", readme.replace("| `replicaCount` | int | `2` |", "| `replicaCount` | int | `3` |")),
+    ):
+        caught = check_readme(chart, values, schema, alerts, text)
+        report.record(f"'README' check notices: {what}", [] if caught else ["it passed"])
 
-    print("== README")
-    report.record("README values table covers values.yaml", check_readme(chart, values))
-
-    print("== Dockerfile")
-    cargo = None
-    if args.cargo_metadata and args.cargo_metadata.exists():
-        meta = json.loads(args.cargo_metadata.read_text())
-        cargo = next(p for p in meta["packages"] if p["id"] in meta["workspace_members"])
-    else:
-        report.note("no cargo metadata: Dockerfile not checked against Cargo.toml")
-    report.record(
-        "Dockerfile agrees with the chart, Cargo.toml and .dockerignore", check_dockerfile(repo, values, cargo)
-    )
-
-    print("== mutation self-tests: every assertion can fail")
-    if good is None:
-        report.record("mutation self-tests", ["no good render to mutate"])
-    else:
-        checks = dict(PER_SCENARIO)
-        base = next(s for s in SCENARIOS if s.name == "defaults")
-        for what, check_name, mutate in mutations(good):
-            docs = copy.deepcopy(good)
-            mutate(docs)
-            caught = checks[check_name](docs, base)
-            report.record(f"'{check_name}' notices: {what}", [] if caught else ["the broken manifest passed"])
-        dockerfile = (repo / "Dockerfile").read_text()
-        dockerignore = (repo / ".dockerignore").read_text()
-        for what, df, di in (
-            ("USER by name", re.sub(r"(?m)^USER .*$", "USER nonroot", dockerfile), dockerignore),
-            ("shell-form ENTRYPOINT", re.sub(r"(?m)^ENTRYPOINT .*$", "ENTRYPOINT presence", dockerfile), dockerignore),
-            ("metrics port not exposed", re.sub(r"(?m)^EXPOSE 9090$", "EXPOSE 8080", dockerfile), dockerignore),
-            ("target/ sent to the daemon", dockerfile, dockerignore + "\n!target/\n"),
-        ):
-            caught = check_dockerfile(repo, values, cargo, df, di)
-            report.record(f"'Dockerfile' check notices: {what}", [] if caught else ["the broken Dockerfile passed"])
-
-    total = report.passed + len(report.failed)
     print()
     if report.failed:
-        print(f"{len(report.failed)} of {total} chart checks failed:")
-        for name in report.failed:
-            print(f"  - {name}")
+        print(f"{len(report.failed)} of {report.passed + len(report.failed)} chart checks failed:")
+        print("\n".join(f"  - {name}" for name in report.failed))
     print(f"check_chart: {report.passed} passed, {len(report.failed)} failed")
     return 1 if report.failed else 0
 

@@ -33,6 +33,16 @@ ensure_redis_server() {
     REDIS_CLI="$(command -v redis-cli)"
 }
 
+# Prometheus and promtool (Debian's 2.42), for the chart's rules and
+# dashboard; scripts start their own Prometheus on a free loopback port.
+ensure_prometheus() {
+    ensure_command prometheus prometheus
+    ensure_command promtool prometheus
+    export PROMETHEUS PROMTOOL
+    PROMETHEUS="$(command -v prometheus)"
+    PROMTOOL="$(command -v promtool)"
+}
+
 # `python3 -m venv`: Debian's own python3 keeps it (with ensurepip) in a
 # separate package.
 ensure_python_venv() {

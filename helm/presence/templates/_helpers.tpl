@@ -228,3 +228,22 @@ the Deployment, so every render runs it.
 {{- fail "networkPolicy.egress.enabled with an external Redis needs networkPolicy.egress.redisTo (e.g. an ipBlock for the Redis address), or every Redis call is blocked." }}
 {{- end }}
 {{- end }}
+
+{{/*
+PromQL label matchers that pick this release's series: by default the job
+and namespace labels the chart's ServiceMonitor gives them (job is the
+Service's name).
+*/}}
+{{- define "presence.seriesSelector" -}}
+{{- .Values.prometheusRule.seriesSelector | default (printf "job=%q,namespace=%q" (include "presence.fullname" .) .Release.Namespace) }}
+{{- end }}
+
+{{/*
+An alert's labels: its severity, then prometheusRule.alertLabels (which win).
+Called with (list $ "severity" extraLabels).
+*/}}
+{{- define "presence.alertLabels" -}}
+{{- $root := index . 0 }}
+{{- $own := merge (dict "severity" (index . 1)) (index . 2) }}
+{{- toYaml (merge (dict) $root.Values.prometheusRule.alertLabels $own) }}
+{{- end }}
