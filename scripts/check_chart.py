@@ -175,6 +175,12 @@ SCENARIOS = [
         store="existing",
     ),
     Scenario("external Redis URL", EXTERNAL, store="url"),
+    Scenario(
+        "Redis Sentinel",
+        EXTERNAL + sets("redis.mode=sentinel", "redis.sentinelMaster=main"),
+        store="url",
+        lint=True,
+    ),
     Scenario("existing Secret", EXISTING, store="existing", lint=True),
     Scenario("in-memory, one replica", MEMORY, store="memory", replicas=1, pdb=False, lint=True),
     Scenario("headless Service", sets("service.headless=true")),
@@ -196,6 +202,7 @@ BAD_VALUES = [
     ("replicas as a word", sets("replicaCount=two"), "/replicaCount"),
     ("tick interval in months (5M)", sets("config.tickInterval=5M"), "/config/tickInterval"),
     ("unknown log format", sets("config.logFormat=yaml"), "/config/logFormat"),
+    ("unknown Redis mode", sets("redis.mode=replica"), "/redis/mode"),
     ("key prefix with a brace", sets("config.keyPrefix=a{b}"), "/config/keyPrefix"),
     ("Redis URL without a scheme", sets("trialRedis.enabled=false", "redis.url=localhost:6379"), "/redis/url"),
     ("misspelt top-level key", sets("replicas=3"), "additional properties"),
@@ -384,6 +391,8 @@ def check_env(docs: list[dict], sc: Scenario, known: set[str]) -> list[str]:
     for var, port in (("PRESENCE_LISTEN", "grpc"), ("PRESENCE_METRICS_LISTEN", "metrics")):
         if not str(env.get(var)).endswith(f":{container_port(c, port)}"):
             problems.append(f"{var} {env.get(var)!r} is not the {port!r} container port")
+    if env.get("PRESENCE_REDIS_MODE") == "sentinel" and not env.get("PRESENCE_REDIS_SENTINEL_MASTER"):
+        problems.append("sentinel mode without PRESENCE_REDIS_SENTINEL_MASTER")
     return problems
 
 

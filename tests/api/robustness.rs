@@ -140,7 +140,29 @@ async fn overload_is_refused_at_once_and_abandoned_work_never_reaches_redis() {
     .await;
     redis.pause();
     let stalled = Instant::now();
-    // Many batches at once: one call in flight, the queue full behind it.
+    // One call holds the only connection's slot, stuck on the frozen Redis…
+    let holder = {
+        let mut client = app.client.clone();
+        tokio::spawn(async move { client.report_user(report("holder")).await })
+    };
+    let started =
+        r#"grpc_server_started_total{grpc_type="unary",grpc_service="presence.v1.Presence",grpc_method="ReportUser"}"#;
+    eventually("the holder to be in flight", Duration::from_secs(3), || async {
+        (app.metric(started).await >= 1.0).then_some(())
+    })
+    .await;
+    // …so a caller that gives up waits in the queue, and goes no further.
+    let abandoned = unique("abandoned");
+    let mut request = tonic::Request::new(report(&abandoned));
+    request.set_timeout(Duration::from_millis(200));
+    let status = app.client.clone().report_user(request).await.expect_err("gave up");
+    // Ours (DEADLINE_EXCEEDED), or the client's own timer (tonic calls it
+    // CANCELLED): either way the caller has gone.
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // Many batches at once: the queue fills behind the holder.
     let batches: Vec<_> = (0..30)
         .map(|b| {
             let mut client = app.client.clone();
@@ -154,20 +176,6 @@ async fn overload_is_refused_at_once_and_abandoned_work_never_reaches_redis() {
             })
         })
         .collect();
-    // A caller that gives up while queued.
-    let abandoned = unique("abandoned");
-    let mut request = tonic::Request::new(report(&abandoned));
-    request.set_timeout(Duration::from_millis(200));
-    let status = app.client.clone().report_user(request).await.expect_err("gave up");
-    // Ours (DEADLINE_EXCEEDED), or the client's own timer (tonic calls it
-    // CANCELLED): either way the caller has gone.
-    assert!(
-        matches!(
-            status.code(),
-            Code::DeadlineExceeded | Code::Cancelled | Code::Unavailable
-        ),
-        "{status:?}"
-    );
     // What does not fit is refused at once: wait for the refusals, then
     // let Redis answer.
     let shed = r#"presence_shed_total{grpc_method="ReportBatch"}"#;
@@ -201,6 +209,10 @@ async fn overload_is_refused_at_once_and_abandoned_work_never_reaches_redis() {
         refused >= 9,
         "a full queue must refuse what does not fit ({refused} refused)"
     );
+    holder
+        .await
+        .expect("ends")
+        .expect("the holder goes through once Redis answers");
     let mut direct = redis.connection().expect("a direct connection");
     let score: Option<f64> = redis::cmd("ZSCORE")
         .arg("{presence:users}:current")
