@@ -237,3 +237,35 @@ async fn changes_through_one_replica_reach_watchers_of_another() {
     let seen = changes_until(&mut stream, |seen| !left(seen).is_empty()).await;
     assert_eq!(left(&seen), ["from-afar"]);
 }
+
+/// However many watch a room on one replica, that replica follows it with
+/// one subscription; and while nothing changes, nothing is sent.
+#[tokio::test]
+async fn many_watchers_of_a_room_share_one_subscription_and_quiet_sends_nothing() {
+    let redis = RedisServer::start();
+    let mut settings = settings(Some(redis.url()));
+    settings.watch_interval = WATCH_INTERVAL;
+    let app = crate::helpers::spawn_ready_app(settings).await;
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let mut stream = watch(&app, "busy-room").await;
+        snapshot(&mut stream).await;
+        streams.push(stream);
+    }
+    let mut direct = redis.connection().expect("a direct connection");
+    let subscribers: (String, u64) = ::redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("{presence:room:busy-room}:changes")
+        .query(&mut direct)
+        .expect("PUBSUB NUMSUB");
+    assert_eq!(subscribers.1, 1, "one subscription for 20 watchers");
+    // Quiet for a few intervals, then one join: it is the first message.
+    tokio::time::sleep(4 * WATCH_INTERVAL).await;
+    app.report_user_in("late", "busy-room").await.expect("reported");
+    for stream in &mut streams {
+        match next(stream).await {
+            Event::Changes(changes) => assert_eq!(changes.joined_users, ["late"], "nothing before the join"),
+            other => panic!("expected the join, got {other:?}"),
+        }
+    }
+}
