@@ -14,6 +14,8 @@ mod process;
 mod redis_cluster;
 mod redis_sentinel;
 mod redis_server;
+mod redis_tls;
 mod reflection;
 mod replicas;
+mod security;
 mod shutdown;

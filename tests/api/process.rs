@@ -12,7 +12,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::helpers::eventually;
 
-fn presence() -> Command {
+pub fn presence() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_presence"));
     command
         .env_clear()
@@ -24,13 +24,13 @@ fn presence() -> Command {
 }
 
 /// A running `presence` process, killed if the test ends early.
-struct Process {
+pub struct Process {
     child: Child,
     logs: mpsc::Receiver<serde_json::Value>,
 }
 
 impl Process {
-    fn start(mut command: Command) -> Self {
+    pub fn start(mut command: Command) -> Self {
         let mut child = command
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -50,7 +50,7 @@ impl Process {
     }
 
     /// Waits for the log event whose message is `message`.
-    fn wait_for_log(&self, message: &str) -> serde_json::Value {
+    pub fn wait_for_log(&self, message: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -62,7 +62,7 @@ impl Process {
         }
     }
 
-    fn signal(&self, signal: &str) {
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(self.child.id().to_string())
@@ -71,7 +71,7 @@ impl Process {
         assert!(status.success());
     }
 
-    fn wait_for_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+    pub fn wait_for_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("waitable") {
