@@ -62,7 +62,18 @@ ENV_CONTRACT = {
     "PRESENCE_REDIS_TIMEOUT",
     "PRESENCE_LOG_FORMAT",
     "PRESENCE_SHUTDOWN_GRACE",
+    "PRESENCE_GUEST_ADDRESSES",
     "RUST_LOG",
+}
+# Set only when the feature is on (see "Securing a deployment" below).
+ENV_OPTIONAL = {
+    "PRESENCE_TLS_CERT",
+    "PRESENCE_TLS_KEY",
+    "PRESENCE_TLS_CLIENT_CA",
+    "PRESENCE_HEALTH_LISTEN",
+    "PRESENCE_AUTH_TOKENS_FILE",
+    "PRESENCE_GUEST_HASH_KEY_FILE",
+    "PRESENCE_REDIS_CA",
 }
 # The humantime subset the chart's schema admits.
 DURATION = re.compile(r"^[1-9][0-9]*(ns|us|ms|s|m|h|d)( ?[0-9]+(ns|us|ms|s|m|h|d))*$")
@@ -71,7 +82,10 @@ RELEASE = "rel"
 NAMESPACE = "presence-ns"
 DEFAULT_KUBE = "1.35.0"
 # Kinds with no schema in kubernetes-validate, and why that is acceptable.
-SCHEMALESS = {("monitoring.coreos.com/v1", "ServiceMonitor"): "a CRD of the Prometheus Operator"}
+SCHEMALESS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "a CRD of the Prometheus Operator",
+    ("cert-manager.io/v1", "Certificate"): "a CRD of cert-manager",
+}
 
 
 # --- Reporting --------------------------------------------------------------
@@ -140,10 +154,11 @@ class Scenario:
     pdb: bool = True
     hpa: bool = False
     service_monitor: bool = False
-    network_policy: bool = False
+    network_policy: bool = True  # on by default
     egress: bool = False
     headless: bool = False
     prestop_sleep: bool = True  # the native sleep action needs 1.30+
+    secured: "Secured | None" = None  # see "Securing a deployment" below
 
 
 def sets(*assignments: str) -> list[str]:
@@ -179,6 +194,7 @@ SCENARIOS = [
     Scenario("PDB switched off", ["--set", "podDisruptionBudget.enabled=false"], pdb=False),
     Scenario("ServiceMonitor", ["--set", "serviceMonitor.enabled=true"], service_monitor=True),
     Scenario("NetworkPolicy", ["--set", "networkPolicy.enabled=true"], network_policy=True),
+    Scenario("NetworkPolicy switched off", ["--set", "networkPolicy.enabled=false"], network_policy=False),
     Scenario(
         "NetworkPolicy with egress, external Redis",
         EXISTING + sets("networkPolicy.enabled=true", "networkPolicy.egress.enabled=true") + EGRESS_TO_REDIS,
@@ -432,6 +448,10 @@ def check_probes(docs: list[dict], sc: Scenario) -> list[str]:
     grpc_port = container_port(c, "grpc")
     if grpc_port != GRPC_PORT:
         problems.append(f"container port 'grpc' is {grpc_port}, not {GRPC_PORT}")
+    # With TLS on the gRPC port, the probes use the plaintext health port.
+    probe_port = container_port(c, "health") or grpc_port
+    if "PRESENCE_TLS_CERT" in env_map(c) and probe_port == grpc_port:
+        problems.append("TLS on the gRPC port, yet no health port for the probes")
     want = {"startupProbe": LIVENESS_SERVICE, "livenessProbe": LIVENESS_SERVICE, "readinessProbe": READINESS_SERVICE}
     for probe, service in want.items():
         p = c.get(probe)
@@ -445,8 +465,8 @@ def check_probes(docs: list[dict], sc: Scenario) -> list[str]:
         if not g:
             problems.append(f"{probe} is not a gRPC probe")
             continue
-        if g.get("port") != grpc_port:
-            problems.append(f"{probe} probes port {g.get('port')}, the gRPC port is {grpc_port}")
+        if g.get("port") != probe_port:
+            problems.append(f"{probe} probes port {g.get('port')}, want {probe_port}")
         if g.get("service") != service:
             problems.append(f"{probe} asks for service {g.get('service')!r}, want {service!r}")
     return problems
@@ -510,7 +530,7 @@ def check_env(docs: list[dict], sc: Scenario) -> list[str]:
         return problems
     c = presence_container(dep)
     env = env_map(c)
-    unknown = {n for n in env if n.startswith("PRESENCE_")} - ENV_CONTRACT
+    unknown = {n for n in env if n.startswith("PRESENCE_")} - ENV_CONTRACT - ENV_OPTIONAL
     if unknown:
         problems.append(f"variables the service does not read: {sorted(unknown)}")
     for name in ENV_CONTRACT - {"PRESENCE_REDIS_URL"}:
@@ -629,7 +649,7 @@ def check_service(docs: list[dict], sc: Scenario) -> list[str]:
     if not grpc:
         problems.append("no Service port named grpc")
     else:
-        if grpc.get("appProtocol") not in ("kubernetes.io/h2c", "grpc"):
+        if grpc.get("appProtocol") not in ("kubernetes.io/h2c", "grpc", "https"):
             problems.append(f"grpc port appProtocol is {grpc.get('appProtocol')!r}")
         if grpc.get("targetPort") not in ("grpc", GRPC_PORT) or grpc.get("port") != GRPC_PORT:
             problems.append(f"grpc port maps {grpc.get('port')} -> {grpc.get('targetPort')}")
@@ -755,6 +775,220 @@ def check_secrecy(docs: list[dict], sc: Scenario, text: str) -> list[str]:
     return problems
 
 
+# --- Securing a deployment: TLS, tokens, guest modes, rediss (issue 9) ----
+
+
+@dataclass
+class Secured:
+    """What a scenario turns on, so that check_security knows what to find."""
+
+    tls: str = ""  # "" | "existing" | "cert-manager"
+    mtls: bool = False
+    tokens: bool = False
+    test_token: bool = False
+    guests: str = "plain"
+    redis_ca: bool = False
+
+
+TLS_EXISTING = sets("tls.enabled=true", "tls.existingSecret=presence-tls")
+TLS_CERT_MANAGER = sets(
+    "tls.enabled=true", "tls.certManager.enabled=true", "tls.certManager.issuerRef.name=internal-ca"
+)
+MTLS = sets("tls.clientCa.existingSecret=presence-clients")
+TOKENS = sets("auth.existingSecret=presence-tokens", "tests.readTokenSecret=presence-test-token")
+HASHED = sets("guests.addresses=hashed", "guests.hashKeySecret=presence-guest-key")
+REDISS = EXISTING + sets("redis.caSecret=presence-redis-ca")
+SECURE_BASE = "everything secured"
+
+SECURE_SCENARIOS = [
+    Scenario("TLS from an existing Secret", TLS_EXISTING, secured=Secured(tls="existing")),
+    Scenario(
+        "TLS from cert-manager, mutual TLS",
+        TLS_CERT_MANAGER + MTLS + sets("service.headless=true"),
+        headless=True,
+        secured=Secured(tls="cert-manager", mtls=True),
+    ),
+    Scenario("tokens", TOKENS, secured=Secured(tokens=True, test_token=True)),
+    Scenario(
+        "tokens without a test token (no test pod)",
+        sets("auth.existingSecret=presence-tokens"),
+        secured=Secured(tokens=True),
+    ),
+    Scenario("guests truncated", sets("guests.addresses=truncated"), secured=Secured(guests="truncated")),
+    Scenario("guests hashed", HASHED, secured=Secured(guests="hashed")),
+    Scenario("rediss with a private CA", REDISS, store="existing", secured=Secured(redis_ca=True)),
+    Scenario(
+        SECURE_BASE,
+        TLS_CERT_MANAGER + MTLS + TOKENS + HASHED + REDISS
+        + sets("networkPolicy.egress.enabled=true", "networkPolicy.grpcFromNamespaces={web,admin}")
+        + EGRESS_TO_REDIS,
+        store="existing",
+        egress=True,
+        secured=Secured(tls="cert-manager", mtls=True, tokens=True, test_token=True, guests="hashed", redis_ca=True),
+    ),
+]
+
+SECURE_BAD_VALUES = [
+    ("TLS without a certificate", sets("tls.enabled=true"), "tls.enabled needs a certificate"),
+    ("cert-manager without TLS", sets("tls.certManager.enabled=true"), "set tls.enabled=true"),
+    ("cert-manager without an issuer", sets("tls.enabled=true", "tls.certManager.enabled=true"), "issuerRef.name"),
+    ("two certificate sources", TLS_CERT_MANAGER + sets("tls.existingSecret=x"), "two sources"),
+    ("issuer of an unknown kind", TLS_CERT_MANAGER + sets("tls.certManager.issuerRef.kind=Vault"), "/tls/certManager"),
+    ("a client CA without TLS", MTLS, "needs tls.enabled=true"),
+    ("hashed guests without a key", sets("guests.addresses=hashed"), "needs guests.hashKeySecret"),
+    ("a hash key for plain guests", sets("guests.hashKeySecret=k"), "only with guests.addresses=hashed"),
+    ("an unknown guest mode", sets("guests.addresses=anonymous"), "/guests/addresses"),
+    ("a Redis CA for the trial Redis", sets("redis.caSecret=ca"), "no TLS"),
+    (
+        "a Redis CA with a redis:// URL",
+        sets("trialRedis.enabled=false", "redis.url=redis://r:6379", "redis.caSecret=ca"),
+        "rediss://",
+    ),
+    ("a namespace name that is not one", ["--set-json", 'networkPolicy.grpcFromNamespaces=["Web App"]'], "/networkPolicy"),
+]
+
+SECURE_LINT_SETS = [
+    ("TLS, mutual TLS, tokens, hashed guests, rediss", TLS_CERT_MANAGER + MTLS + TOKENS + HASHED + REDISS),
+]
+
+
+def mounted_secret(pod: dict, container: dict, path: str) -> tuple[str | None, list[str]]:
+    """The Secret a file path is read from, if it is in a Secret volume
+    mounted as a directory (a subPath mount never sees updates)."""
+    mounts = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if len(mounts) != 1:
+        return None, [f"{path} is not in exactly one mounted volume"]
+    mount = mounts[0]
+    problems = []
+    if "subPath" in mount or "subPathExpr" in mount:
+        problems.append(f"{path}: mounted with subPath, so updates never reach the process")
+    volume = next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), {})
+    secret = volume.get("secret")
+    if not secret:
+        return None, problems + [f"{path}: volume {mount['name']} is not a Secret"]
+    mode = secret.get("defaultMode", 0o644)
+    if mode & 0o007:
+        problems.append(f"{path}: Secret volume mode {oct(mode)} is readable by others")
+    return secret.get("secretName"), problems
+
+
+def check_security(docs: list[dict], sc: Scenario) -> list[str]:
+    """TLS, mutual TLS, tokens, guest mode and the Redis CA: each file from
+    the right Secret, mounted so that rotation reaches the process; probes
+    on the health port with TLS; the NetworkPolicy never opens a port to
+    everyone."""
+    dep, problems = server(docs)
+    if not dep:
+        return problems
+    want = sc.secured or Secured()
+    pod = dep["spec"]["template"]["spec"]
+    c = presence_container(dep)
+    env = {n: e.get("value") for n, e in env_map(c).items()}
+
+    def from_secret(variable: str, secret: str | None) -> None:
+        path = env.get(variable)
+        if secret is None:
+            if path is not None:
+                problems.append(f"{variable} is set, though its feature is off")
+            return
+        if not path:
+            problems.append(f"{variable} is not set")
+            return
+        name, found = mounted_secret(pod, c, path)
+        problems.extend(found)
+        if name != secret:
+            problems.append(f"{variable} reads Secret {name!r}, want {secret!r}")
+
+    tls_secret = {"existing": "presence-tls", "cert-manager": f"{RELEASE}-presence-tls", "": None}[want.tls]
+    from_secret("PRESENCE_TLS_CERT", tls_secret)
+    from_secret("PRESENCE_TLS_KEY", tls_secret)
+    from_secret("PRESENCE_TLS_CLIENT_CA", "presence-clients" if want.mtls else None)
+    from_secret("PRESENCE_AUTH_TOKENS_FILE", "presence-tokens" if want.tokens else None)
+    from_secret("PRESENCE_GUEST_HASH_KEY_FILE", "presence-guest-key" if want.guests == "hashed" else None)
+    from_secret("PRESENCE_REDIS_CA", "presence-redis-ca" if want.redis_ca else None)
+    if env.get("PRESENCE_GUEST_ADDRESSES") != want.guests:
+        problems.append(f"PRESENCE_GUEST_ADDRESSES is {env.get('PRESENCE_GUEST_ADDRESSES')!r}, want {want.guests!r}")
+
+    health = container_port(c, "health")
+    if bool(want.tls) != bool(health):
+        problems.append(f"health port {health}, with TLS {want.tls or 'off'}")
+    if want.tls and not str(env.get("PRESENCE_HEALTH_LISTEN", "")).endswith(f":{health}"):
+        problems.append(f"PRESENCE_HEALTH_LISTEN {env.get('PRESENCE_HEALTH_LISTEN')!r} is not the health port")
+    for svc in of_kind(docs, "Service", "server"):
+        for port in svc["spec"]["ports"]:
+            if port["name"] == "grpc" and want.tls and port.get("appProtocol") == "kubernetes.io/h2c":
+                problems.append(f"Service {svc['metadata']['name']}: a TLS port announced as cleartext (h2c)")
+            if port["name"] == "health" or port.get("targetPort") in ("health", health):
+                problems.append(f"Service {svc['metadata']['name']} exposes the health port")
+
+    certs = of_kind(docs, "Certificate")
+    if (want.tls == "cert-manager") != bool(certs):
+        problems.append(f"{len(certs)} cert-manager Certificates, with TLS {want.tls or 'off'}")
+    for cert in certs:
+        spec = cert["spec"]
+        if spec.get("secretName") != tls_secret:
+            problems.append(f"the Certificate writes Secret {spec.get('secretName')}, the pods read {tls_secret}")
+        names = set(spec.get("dnsNames", []))
+        for svc in of_kind(docs, "Service", "server"):
+            if f"{svc['metadata']['name']}.{NAMESPACE}.svc" not in names:
+                problems.append(f"the Certificate does not name Service {svc['metadata']['name']}")
+        if not (spec.get("issuerRef") or {}).get("name"):
+            problems.append("the Certificate has no issuer")
+
+    tests = of_kind(docs, "Pod", "test")
+    if want.tokens and not want.test_token and tests:
+        problems.append("tokens on and no test token, yet a test pod that cannot authenticate is rendered")
+    for t in tests:
+        args = t["spec"]["containers"][0].get("args", [])
+        if want.tls and "-plaintext" in args:
+            problems.append("the test pod calls a TLS port in plaintext")
+        if want.tokens and not any("Bearer" in a for a in args):
+            problems.append("the test pod sends no token")
+
+    for policy in of_kind(docs, "NetworkPolicy", "server"):
+        for rule in policy["spec"].get("ingress") or []:
+            if not rule.get("from"):
+                problems.append(f"NetworkPolicy {policy['metadata']['name']}: a port open to every peer: {rule}")
+    return problems
+
+
+def security_mutations() -> list[tuple[str, object]]:
+    """(what is broken, how), each of which check_security must notice in
+    the "everything secured" render."""
+
+    def cont(ds):
+        return presence_container(server(ds)[0])
+
+    def mount(ds, name):
+        return next(m for m in cont(ds)["volumeMounts"] if m["name"] == name)
+
+    def probe_grpc_port(ds):
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            cont(ds)[probe]["grpc"]["port"] = GRPC_PORT
+
+    def open_grpc(ds):
+        policy = next(d for d in ds if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == f"{RELEASE}-presence")
+        policy["spec"]["ingress"][0].pop("from")
+
+    return [
+        ("the TLS Secret mounted with subPath", lambda ds: mount(ds, "tls").update(subPath="tls.crt")),
+        ("the token file mounted with subPath", lambda ds: mount(ds, "auth").update(subPath="tokens")),
+        ("the probes on the TLS port", probe_grpc_port),
+        ("the gRPC port open to every pod", open_grpc),
+        (
+            "the hash key readable by all",
+            lambda ds: next(v for v in server(ds)[0]["spec"]["template"]["spec"]["volumes"] if v["name"] == "guest-key")[
+                "secret"
+            ].update(defaultMode=0o444),
+        ),
+    ]
+
+
+SCENARIOS += SECURE_SCENARIOS
+BAD_VALUES += SECURE_BAD_VALUES
+LINT_SETS += SECURE_LINT_SETS
+
+
 PER_SCENARIO = [
     ("Kubernetes API schemas", check_schemas),
     ("restricted security context", check_restricted),
@@ -765,6 +999,7 @@ PER_SCENARIO = [
     ("Redis URL source", check_store),
     ("Service ports", check_service),
     ("optional resources", check_optional),
+    ("securing the deployment", check_security),
 ]
 
 
@@ -1095,6 +1330,7 @@ def main() -> int:
 
     print("== helm template, schema validation and assertions")
     good: list[dict] | None = None
+    secure_good: list[dict] | None = None
     for sc in SCENARIOS:
         r = helm.template(sc.sets, sc.kube)
         if r.returncode != 0:
@@ -1107,10 +1343,12 @@ def main() -> int:
         report.record(f"[{sc.name}] Redis password never in clear", check_secrecy(docs, sc, r.stdout))
         if sc.name == "defaults":
             good = docs
+        if sc.name == SECURE_BASE:
+            secure_good = docs
     for (api, kind), why in SCHEMALESS.items():
         report.note(
             f"{kind} ({api}) is {why}: kubernetes-validate has no schema for it, so it gets "
-            "structural checks (selector, port, path) instead"
+            "structural checks (what it points at) instead"
         )
 
     print("== the pods roll when the Redis URL changes, and only then")
@@ -1171,6 +1409,12 @@ def main() -> int:
             mutate(docs)
             caught = checks[check_name](docs, base)
             report.record(f"'{check_name}' notices: {what}", [] if caught else ["the broken manifest passed"])
+        secure = next(s for s in SCENARIOS if s.name == SECURE_BASE)
+        for what, mutate in security_mutations() if secure_good else []:
+            docs = copy.deepcopy(secure_good)
+            mutate(docs)
+            caught = check_security(docs, secure) + check_probes(docs, secure)
+            report.record(f"'securing the deployment' notices: {what}", [] if caught else ["the broken manifest passed"])
         dockerfile = (repo / "Dockerfile").read_text()
         dockerignore = (repo / ".dockerignore").read_text()
         for what, df, di in (
