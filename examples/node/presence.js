@@ -14,8 +14,15 @@
 // `status` below (INVALID_ARGUMENT for a bad name or address, with the field
 // named in `error.details`; UNAVAILABLE when Presence or its Redis is down).
 //
+// A secured server (TLS, tokens):
+//   new PresenceClient('presence:50051', { token: TOKEN, caFile: 'ca.pem' })
+// and for mutual TLS certFile and keyFile too. The token is sent as
+// `authorization: Bearer TOKEN` on every call.
+//
 // From a shell:  node presence.js [--target HOST:PORT] user NAME | guest IP | list [--limit N]
+// (--token and --ca default to $PRESENCE_TOKEN and $PRESENCE_CA_FILE.)
 
+const fs = require('node:fs');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
@@ -32,12 +39,25 @@ function loadService(protoPath = PROTO_PATH) {
   return grpc.loadPackageDefinition(definition).presence.v1.Presence;
 }
 
+// TLS trusting caFile when given (with a client certificate for mutual
+// TLS), else plaintext.
+function channelCredentials({ caFile, certFile, keyFile } = {}) {
+  if (!caFile) return grpc.credentials.createInsecure();
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  return grpc.credentials.createSsl(read(caFile), read(keyFile), read(certFile));
+}
+
 class PresenceClient {
-  constructor(target, { deadlineMs = 2000, protoPath = PROTO_PATH, credentials } = {}) {
+  constructor(
+    target,
+    { deadlineMs = 2000, protoPath = PROTO_PATH, credentials, token, caFile, certFile, keyFile } = {},
+  ) {
     const Presence = loadService(protoPath);
-    this.stub = new Presence(target, credentials ?? grpc.credentials.createInsecure());
+    this.stub = new Presence(target, credentials ?? channelCredentials({ caFile, certFile, keyFile }));
     // Every call gets a deadline: without one a call to a hung server waits forever.
     this.deadlineMs = deadlineMs;
+    this.metadata = new grpc.Metadata();
+    if (token) this.metadata.set('authorization', `Bearer ${token}`);
   }
 
   async reportUser(username) {
@@ -66,7 +86,7 @@ class PresenceClient {
   #call(method, request) {
     return new Promise((resolve, reject) => {
       const options = { deadline: Date.now() + this.deadlineMs };
-      this.stub[method](request, options, (error, reply) => (error ? reject(error) : resolve(reply)));
+      this.stub[method](request, this.metadata, options, (error, reply) => (error ? reject(error) : resolve(reply)));
     });
   }
 }
@@ -77,11 +97,13 @@ async function main(argv) {
     allowPositionals: true,
     options: {
       target: { type: 'string', default: process.env.PRESENCE_TARGET || 'localhost:50051' },
+      token: { type: 'string', default: process.env.PRESENCE_TOKEN || undefined },
+      ca: { type: 'string', default: process.env.PRESENCE_CA_FILE || undefined },
       limit: { type: 'string', default: '0' },
     },
   });
   const [command, argument] = positionals;
-  const presence = new PresenceClient(values.target);
+  const presence = new PresenceClient(values.target, { token: values.token, caFile: values.ca });
   try {
     if (command === 'user' && argument !== undefined) await presence.reportUser(argument);
     else if (command === 'guest' && argument !== undefined) await presence.reportGuest(argument);

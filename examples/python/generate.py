@@ -10,11 +10,14 @@ from the proto whenever the tests run (conftest.py calls generate()).
 import pathlib
 import sys
 
+import grpc_tools
 from grpc_tools import protoc
 
 HERE = pathlib.Path(__file__).resolve().parent
 PROTO_ROOT = HERE.parent.parent / "proto"
 PROTO = PROTO_ROOT / "presence" / "v1" / "presence.proto"
+# google/protobuf/*.proto (Timestamp), shipped inside grpcio-tools.
+WELL_KNOWN = pathlib.Path(grpc_tools.__file__).resolve().parent / "_proto"
 
 
 def generate(out: pathlib.Path = HERE) -> None:
@@ -24,6 +27,7 @@ def generate(out: pathlib.Path = HERE) -> None:
         [
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
+            f"-I{WELL_KNOWN}",
             f"--python_out={out}",
             f"--pyi_out={out}",
             f"--grpc_python_out={out}",

@@ -12,6 +12,9 @@ const { promisify } = require('node:util');
 const { PresenceClient, status } = require('../presence');
 
 const TARGET = process.env.PRESENCE_TARGET;
+// scripts/test-clients runs this suite once against a server with TLS and
+// tokens on: the CA to trust and a read token.
+const OPTIONS = { token: process.env.PRESENCE_TOKEN || undefined, caFile: process.env.PRESENCE_CA_FILE || undefined };
 
 const unique = () => `node-${crypto.randomBytes(6).toString('hex')}`;
 const randomByte = () => crypto.randomInt(1, 255);
@@ -34,7 +37,7 @@ describe('Presence from Node', () => {
 
   before(() => {
     assert.ok(TARGET, 'PRESENCE_TARGET is unset: run scripts/test-clients, or set it to host:port');
-    presence = new PresenceClient(TARGET);
+    presence = new PresenceClient(TARGET, OPTIONS);
   });
 
   after(() => presence?.close());
@@ -136,6 +139,17 @@ describe('Presence from Node', () => {
       assert.ok(Date.now() - started < 2000, `took ${Date.now() - started} ms`);
     } finally {
       nowhere.close();
+    }
+  });
+
+  it('is refused without the token by a server with tokens on', async (t) => {
+    if (!OPTIONS.token) return t.skip('the server runs without tokens');
+    const anonymous = new PresenceClient(TARGET, { caFile: OPTIONS.caFile });
+    try {
+      const error = await rejection(anonymous.listOnline());
+      assert.equal(error.code, status.UNAUTHENTICATED, error.message);
+    } finally {
+      anonymous.close();
     }
   });
 
