@@ -338,7 +338,7 @@ impl<S> Auth<S> {
 }
 
 /// The token of `Bearer <token>` (the scheme in any case).
-fn bearer(value: &[u8]) -> Option<&[u8]> {
+pub(crate) fn bearer(value: &[u8]) -> Option<&[u8]> {
     let (scheme, rest) = value.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
         return None;

@@ -38,6 +38,8 @@
 mod auth;
 pub mod domain;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod guests;
 mod health;
 mod keeper;
