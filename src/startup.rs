@@ -5,7 +5,6 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::FutureExt;
-
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
@@ -235,10 +234,10 @@ impl Application {
             )
         });
         let reloads = watch_files(&security.tls, &security.tokens, &background);
-        if (security.tls.is_some() || security.tokens.is_some()) && health_address.is_none() {
+        if security.tls.is_some() && health_address.is_none() {
             tracing::warn!(
-                "TLS or tokens are on and PRESENCE_HEALTH_LISTEN is unset: \
-                 probes without TLS or a token (Kubernetes' gRPC probe) cannot reach Health"
+                "TLS is on and PRESENCE_HEALTH_LISTEN is unset: \
+                 probes that cannot do TLS (Kubernetes' gRPC probe) cannot reach Health"
             );
         }
 
