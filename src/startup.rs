@@ -241,6 +241,12 @@ impl Application {
             );
         }
 
+        // The signal handlers are installed when the shutdown future is first
+        // polled: poll it once before saying "serving", so that a signal sent
+        // on seeing that line finds them (and is not the default action,
+        // which kills the process at once).
+        tokio::pin!(shutdown);
+        let signalled_already = shutdown.as_mut().now_or_never().is_some();
         tracing::info!(
             %grpc_address,
             metrics = %metrics::url(metrics_address),
@@ -257,16 +263,18 @@ impl Application {
             "serving"
         );
 
-        tokio::select! {
-            result = &mut server => {
-                background.cancel();
-                drain.cancel();
-                metrics_stop.cancel();
-                store.close();
-                result?;
-                return Ok(());
+        if !signalled_already {
+            tokio::select! {
+                result = &mut server => {
+                    background.cancel();
+                    drain.cancel();
+                    metrics_stop.cancel();
+                    store.close();
+                    result?;
+                    return Ok(());
+                }
+                () = &mut shutdown => {}
             }
-            () = shutdown => {}
         }
 
         tracing::info!(

@@ -744,3 +744,22 @@ async fn hashed_guests_are_one_keyed_digest_on_every_replica_and_no_address_reac
     leave_guests(&one, &["203.0.113.77"]).await;
     assert_eq!(guests_of(&two).await, [hmac_hex(key.as_bytes(), "2001:db8::1")]);
 }
+
+#[test]
+fn help_documents_every_security_setting_with_its_variable() {
+    let output = presence().arg("--help").output().expect("presence runs");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for variable in [
+        "PRESENCE_TLS_CERT",
+        "PRESENCE_TLS_KEY",
+        "PRESENCE_TLS_CLIENT_CA",
+        "PRESENCE_HEALTH_LISTEN",
+        "PRESENCE_AUTH_TOKENS_FILE",
+        "PRESENCE_REDIS_CA",
+        "PRESENCE_GUEST_ADDRESSES",
+        "PRESENCE_GUEST_HASH_KEY_FILE",
+    ] {
+        assert!(help.contains(variable), "{variable} missing from --help:\n{help}");
+    }
+}
