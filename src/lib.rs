@@ -31,22 +31,32 @@
 //!   the gauges; `keeper`: ages rooms and prunes last seen, in small steps.
 //! - `metrics`: Prometheus counters and histograms, served over HTTP.
 //! - [`settings`] and [`telemetry`]: configuration and logs.
+//! - Securing it: `tls` (the gRPC port's TLS, certificates rotating under
+//!   a running server), `auth` (bearer tokens with the roles `report` and
+//!   `read`, one tower layer), `guests` (what is stored of a guest's
+//!   address: plain, truncated or hashed); `reload` re-reads their files.
 
 mod ageing;
+mod auth;
 pub mod domain;
 mod error;
+#[cfg(test)]
+mod fuzz;
+mod guests;
 mod health;
 mod keeper;
 pub mod keyspace;
 mod limits;
 mod metrics;
 pub mod proto;
+mod reload;
 mod service;
 pub mod settings;
 pub mod shutdown;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+mod tls;
 mod watch;
 
 pub use settings::Settings;

@@ -15,10 +15,10 @@ use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
 use crate::domain::{
-    Cursor, GuestAddress, Kind, KindPage, OnlinePageToken, PageSize, RoomOrder, RoomsPageToken, Scope, Username,
-    Visitors,
+    Cursor, Kind, KindPage, OnlinePageToken, PageSize, RoomOrder, RoomsPageToken, Scope, Username, Visitors,
 };
 use crate::error::{ApiError, OutageLog};
+use crate::guests::GuestPrivacy;
 use crate::metrics::{CallType, Metrics};
 use crate::proto::v1::{
     CheckOnlineRequest, CheckOnlineResponse, CountOnlineRequest, CountOnlineResponse, GuestStatus, LeaveRequest,
@@ -53,6 +53,8 @@ pub struct PresenceService {
     /// The longest a call waits for the store when the client set no
     /// shorter deadline.
     store_timeout: Duration,
+    /// What is stored of a guest's address.
+    guests: GuestPrivacy,
 }
 
 impl PresenceService {
@@ -69,7 +71,13 @@ impl PresenceService {
             watches,
             outage,
             store_timeout,
+            guests: GuestPrivacy::Plain,
         }
+    }
+
+    /// Stores guests in this form (plain by default).
+    pub fn with_guests(self, guests: GuestPrivacy) -> Self {
+        Self { guests, ..self }
     }
 
     /// Runs one unary call: within the client's deadline, recorded in the
@@ -234,7 +242,10 @@ impl presence_server::Presence for PresenceService {
         let deadline = deadline_of(request.metadata());
         let request = request.into_inner();
         let parsed = parse_scope(request.room).and_then(|scope| {
-            let guest = GuestAddress::parse(&request.ip_address).map_err(|e| ApiError::invalid("ip_address", e))?;
+            let guest = self
+                .guests
+                .parse(&request.ip_address)
+                .map_err(|e| ApiError::invalid("ip_address", e))?;
             Ok((
                 scope,
                 Visitors {
@@ -256,8 +267,12 @@ impl presence_server::Presence for PresenceService {
     ) -> Result<Response<ReportBatchResponse>, Status> {
         let deadline = deadline_of(request.metadata());
         let request = request.into_inner();
-        let parsed = parse_scope(request.room)
-            .and_then(|scope| Ok((scope, parse_visitors(request.usernames, &request.ip_addresses)?)));
+        let parsed = parse_scope(request.room).and_then(|scope| {
+            Ok((
+                scope,
+                parse_visitors(request.usernames, &request.ip_addresses, &self.guests)?,
+            ))
+        });
         self.call("ReportBatch", deadline, async {
             self.report(parsed, deadline).await?;
             Ok(ReportBatchResponse {})
@@ -325,7 +340,7 @@ impl presence_server::Presence for PresenceService {
         let request = request.into_inner();
         self.call("CheckOnline", deadline, async {
             let scope = parse_scope(request.room)?;
-            let visitors = parse_visitors(request.usernames, &request.ip_addresses)?;
+            let visitors = parse_visitors(request.usernames, &request.ip_addresses, &self.guests)?;
             let users = visitors.names(Kind::Users);
             let guests = visitors.names(Kind::Guests);
             let (users_online, guests_online, last_seen) = tokio::try_join!(
@@ -362,7 +377,7 @@ impl presence_server::Presence for PresenceService {
         let request = request.into_inner();
         self.call("Leave", deadline, async {
             let scope = parse_scope(request.room)?;
-            let visitors = parse_visitors(request.usernames, &request.ip_addresses)?;
+            let visitors = parse_visitors(request.usernames, &request.ip_addresses, &self.guests)?;
             if !visitors.is_empty() {
                 self.store.leave(&scope, &visitors).await?;
             }
@@ -435,7 +450,7 @@ fn parse_scope(room: String) -> Result<Scope, ApiError> {
 /// Many names at once, for `ReportBatch`, `CheckOnline` and `Leave`: all
 /// or nothing. Every bad entry is named, and one bad entry refuses the
 /// whole call, so a caller never has to guess what was done.
-fn parse_visitors(usernames: Vec<String>, ip_addresses: &[String]) -> Result<Visitors, ApiError> {
+fn parse_visitors(usernames: Vec<String>, ip_addresses: &[String], mode: &GuestPrivacy) -> Result<Visitors, ApiError> {
     let entries = usernames.len() + ip_addresses.len();
     if entries > MAX_BATCH_ENTRIES {
         return Err(ApiError::invalid(
@@ -453,7 +468,7 @@ fn parse_visitors(usernames: Vec<String>, ip_addresses: &[String]) -> Result<Vis
     }
     let mut guests = Vec::with_capacity(ip_addresses.len());
     for (i, address) in ip_addresses.iter().enumerate() {
-        match GuestAddress::parse(address) {
+        match mode.parse(address) {
             Ok(guest) => guests.push(guest),
             Err(e) => problems.push(format!("ip_addresses[{i}]: {e}")),
         }
@@ -476,7 +491,11 @@ mod tests {
 
     fn batch(usernames: &[&str], ip_addresses: &[&str]) -> Result<Visitors, ApiError> {
         let ips: Vec<String> = ip_addresses.iter().map(|s| s.to_string()).collect();
-        parse_visitors(usernames.iter().map(|s| s.to_string()).collect(), &ips)
+        parse_visitors(
+            usernames.iter().map(|s| s.to_string()).collect(),
+            &ips,
+            &GuestPrivacy::Plain,
+        )
     }
 
     fn message(result: Result<Visitors, ApiError>) -> String {

@@ -2,11 +2,12 @@
 //! variables, checked when the process starts so a bad value stops it with a
 //! clear message instead of failing later.
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{CommandFactory, Parser, ValueEnum};
 use redis::IntoConnectionInfo;
 
+pub use crate::guests::GuestAddressMode;
 use crate::keyspace::KeyPrefix;
 use crate::store::RedisMode;
 
@@ -104,6 +105,9 @@ pub struct Settings {
     /// Filter with RUST_LOG (default `info`).
     #[arg(long, env = "PRESENCE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub security: SecuritySettings,
 }
 
 impl Settings {
@@ -125,6 +129,10 @@ impl Settings {
     {
         let settings = Self::try_parse_from(args)?;
         settings.check_redis_url()?;
+        settings
+            .security
+            .check(settings.redis_url.as_ref())
+            .map_err(|e| Self::command().error(clap::error::ErrorKind::ValueValidation, e))?;
         Ok(settings)
     }
 
@@ -166,6 +174,7 @@ impl Settings {
             http2_keepalive_timeout: Duration::from_secs(20),
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            security: SecuritySettings::default(),
         }
     }
 }
@@ -174,6 +183,113 @@ impl Settings {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Who may connect and call, and what is kept of guests: TLS on the gRPC
+/// port, a plaintext health port for probes, bearer tokens, TLS to Redis,
+/// and the guest address mode. The files are read (and checked) at start;
+/// the TLS files and the token file are re-read when they change.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecuritySettings {
+    /// PEM certificate (chain) of the gRPC port. Set with --tls-key: the
+    /// port then speaks only TLS. Re-read when the file changes.
+    #[arg(long, env = "PRESENCE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PRESENCE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA: clients must present a certificate it signed (mutual TLS).
+    #[arg(long, env = "PRESENCE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// A plaintext port serving grpc.health.v1.Health alone, for probes
+    /// that cannot do TLS or send tokens (Kubernetes' gRPC probe).
+    #[arg(long, env = "PRESENCE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// Bearer tokens, one a line as `ROLE TOKEN` (ROLE `report` or
+    /// `read`). Set: every call but Health needs one. Re-read when the file
+    /// changes.
+    #[arg(long, env = "PRESENCE_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// PEM CA that signed the Redis servers' certificates (rediss:// URLs),
+    /// if not a public one.
+    #[arg(long, env = "PRESENCE_REDIS_CA")]
+    pub redis_ca: Option<PathBuf>,
+
+    /// What is stored of a guest: `plain` (the address), `truncated` (its
+    /// /24 or /48 network) or `hashed` (a keyed HMAC-SHA-256).
+    #[arg(long, env = "PRESENCE_GUEST_ADDRESSES", value_enum, default_value_t = GuestAddressMode::Plain)]
+    pub guest_addresses: GuestAddressMode,
+
+    /// The key of `hashed` guest addresses (at least 32 bytes; surrounding
+    /// whitespace is trimmed). The same on every replica.
+    #[arg(long, env = "PRESENCE_GUEST_HASH_KEY_FILE")]
+    pub guest_hash_key_file: Option<PathBuf>,
+}
+
+impl SecuritySettings {
+    /// Reads and checks every file named, as the server will at start.
+    fn check(&self, redis_url: Option<&RedisUrl>) -> Result<(), SettingError> {
+        self.tls_files().map(crate::tls::ServerTls::load).transpose()?;
+        self.auth_tokens_file
+            .as_deref()
+            .map(crate::auth::TokenFile::load)
+            .transpose()?;
+        crate::guests::GuestPrivacy::new(self.guest_addresses, self.guest_hash_key_file.as_deref())?;
+        self.redis_ca_pem(redis_url)?;
+        Ok(())
+    }
+
+    /// The gRPC port's TLS files, if TLS is on.
+    pub(crate) fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
+    /// The content of PRESENCE_REDIS_CA, checked: PEM certificates, and a
+    /// `rediss://` URL to use them with.
+    pub fn redis_ca_pem(&self, redis_url: Option<&RedisUrl>) -> Result<Option<Vec<u8>>, SettingError> {
+        let Some(path) = &self.redis_ca else { return Ok(None) };
+        if !redis_url.is_some_and(|url| url.expose().starts_with("rediss://")) {
+            return Err(SettingError::new(
+                "--redis-ca",
+                "PRESENCE_REDIS_CA",
+                "is used only with a rediss:// Redis URL (TLS)",
+            ));
+        }
+        crate::tls::read_certificates(("--redis-ca", "PRESENCE_REDIS_CA"), path)?;
+        crate::reload::read(path)
+            .map(Some)
+            .map_err(|reason| SettingError::new("--redis-ca", "PRESENCE_REDIS_CA", reason))
+    }
+}
+
+/// A setting whose value parsed, but whose content cannot be used (a file
+/// missing or malformed). The message names the flag and the variable, and
+/// never quotes a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value for '{flag}' ({env}): {reason}")]
+pub struct SettingError {
+    flag: &'static str,
+    env: &'static str,
+    reason: String,
+}
+
+impl SettingError {
+    pub fn new(flag: &'static str, env: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            flag,
+            env,
+            reason: reason.into(),
+        }
+    }
 }
 
 /// A Redis URL. It may hold a password, so it never prints.
@@ -307,5 +423,42 @@ mod tests {
     #[test]
     fn a_key_prefix_with_a_brace_is_refused() {
         assert!(parse(&["--key-prefix", "a{b"]).is_err());
+    }
+
+    #[test]
+    fn security_is_off_by_default() {
+        let settings = parse(&[]).expect("valid");
+        assert!(settings.security.tls_files().is_none());
+        assert_eq!(settings.security.auth_tokens_file, None);
+        assert_eq!(settings.security.health_listen, None);
+        assert_eq!(settings.security.guest_addresses, GuestAddressMode::Plain);
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_a_key_and_a_client_ca_needs_both() {
+        for args in [
+            &["--tls-cert", "c.pem"][..],
+            &["--tls-key", "k.pem"],
+            &["--tls-client-ca", "ca.pem"],
+        ] {
+            let error = parse(args).expect_err("incomplete TLS");
+            assert_eq!(error.exit_code(), 2, "{error}");
+        }
+    }
+
+    #[test]
+    fn a_redis_ca_needs_a_rediss_url_and_never_echoes_it() {
+        let error = parse(&[
+            "--redis-ca",
+            "/nonexistent",
+            "--redis-url",
+            "redis://:hunter2@localhost",
+        ])
+        .expect_err("not TLS");
+        assert!(error.to_string().contains("PRESENCE_REDIS_CA"), "{error}");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        let error = parse(&["--redis-ca", "/nonexistent", "--redis-url", "rediss://localhost"]).expect_err("no file");
+        assert!(error.to_string().contains("/nonexistent"), "{error}");
+        assert_eq!(error.exit_code(), 2);
     }
 }

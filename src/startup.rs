@@ -4,22 +4,25 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::ageing::Aged;
+use crate::auth::{AuthLayer, TokenFile};
 use crate::error::OutageLog;
+use crate::guests::GuestPrivacy;
 use crate::limits::RequestSizeLayer;
 use crate::metrics::{self, Metrics};
 use crate::proto::{self, v1::presence_server::PresenceServer};
 use crate::service::PresenceService;
-use crate::settings::Settings;
+use crate::settings::{SettingError, Settings};
 use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, Store, memory::MemoryStoreConfig};
+use crate::tls::{self, ServerTls};
 use crate::watch::WatchHub;
-use crate::{health, keeper};
+use crate::{health, keeper, reload};
 
 /// Probes idle client connections, so that the sockets of clients that
 /// vanished without closing (a crashed node, a dropped NAT entry) are freed.
@@ -40,6 +43,16 @@ pub struct Application {
     metrics_listener: TcpListener,
     store: Arc<dyn Store>,
     settings: Settings,
+    security: Security,
+}
+
+/// What the security settings load: the gRPC port's TLS, the token file,
+/// the guest mode, and the plaintext health port's listener.
+struct Security {
+    tls: Option<Arc<ServerTls>>,
+    tokens: Option<Arc<TokenFile>>,
+    guests: GuestPrivacy,
+    health_listener: Option<TcpListener>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +68,27 @@ pub enum StartupError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Setting(#[from] SettingError),
 }
 
 impl Application {
     /// Chooses the store and binds both listeners. Does not connect to
     /// Redis: the service starts, not ready, while Redis is down.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        // rustls's provider, chosen once for the process (the Redis client
+        // builds its TLS configuration from the default).
+        tls::install_default_provider();
+        let secured = &settings.security;
+        let tls = secured.tls_files().map(ServerTls::load).transpose()?.map(Arc::new);
+        let tokens = secured
+            .auth_tokens_file
+            .as_deref()
+            .map(TokenFile::load)
+            .transpose()?
+            .map(Arc::new);
+        let guests = GuestPrivacy::new(secured.guest_addresses, secured.guest_hash_key_file.as_deref())?;
+        let tls_ca = secured.redis_ca_pem(settings.redis_url.as_ref())?;
         let store: Arc<dyn Store> = match &settings.redis_url {
             Some(url) => Arc::new(RedisStore::start(RedisStoreConfig {
                 url: url.expose().to_owned(),
@@ -71,17 +99,28 @@ impl Application {
                 key_prefix: settings.key_prefix.clone(),
                 interval: settings.tick_interval,
                 last_seen: settings.last_seen(),
+                tls_ca,
             })?),
             None => Arc::new(MemoryStore::new(MemoryStoreConfig {
                 interval: settings.tick_interval,
                 last_seen_retention: settings.last_seen().map(|(_, retention)| retention),
             })),
         };
+        let health_listener = match settings.security.health_listen {
+            Some(address) => Some(bind(address).await?),
+            None => None,
+        };
         Ok(Self {
             grpc_listener: bind(settings.listen).await?,
             metrics_listener: bind(settings.metrics_listen).await?,
             store,
             settings,
+            security: Security {
+                tls,
+                tokens,
+                guests,
+                health_listener,
+            },
         })
     }
 
@@ -95,6 +134,12 @@ impl Application {
             .unwrap_or(self.settings.metrics_listen)
     }
 
+    /// The plaintext health port, if there is one.
+    pub fn health_address(&self) -> Option<SocketAddr> {
+        let listener = self.security.health_listener.as_ref()?;
+        listener.local_addr().ok().or(self.settings.security.health_listen)
+    }
+
     /// Serves until `shutdown` completes, then shuts down gracefully: both
     /// health statuses go NOT_SERVING, watch streams end, the server stops
     /// accepting, and in-flight calls get up to the shutdown grace to
@@ -103,11 +148,13 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
         let grpc_address = self.grpc_address();
         let metrics_address = self.metrics_address();
+        let health_address = self.health_address();
         let Self {
             grpc_listener,
             metrics_listener,
             store,
             settings,
+            security,
         } = self;
 
         let metrics = Metrics::new();
@@ -146,23 +193,14 @@ impl Application {
         let (age, grace) = (settings.max_connection_age, settings.max_connection_age_grace);
         let incoming = TcpIncoming::from(grpc_listener)
             .with_nodelay(Some(true))
-            .with_keepalive(Some(TCP_KEEPALIVE))
-            .map(move |accepted| {
-                accepted.map(|stream| {
-                    counted.connection_accepted();
-                    Aged::new(stream, age, grace)
-                })
-            });
-        let presence = PresenceServer::new(PresenceService::new(
-            store.clone(),
-            metrics.clone(),
-            watches,
-            outage,
-            settings.redis_timeout,
-        ))
+            .with_keepalive(Some(TCP_KEEPALIVE));
+        let presence = PresenceServer::new(
+            PresenceService::new(store.clone(), metrics.clone(), watches, outage, settings.redis_timeout)
+                .with_guests(security.guests.clone()),
+        )
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         let drain = CancellationToken::new();
-        let server = Server::builder()
+        let router = Server::builder()
             .max_concurrent_streams(settings.max_concurrent_streams)
             // HTTP/2 pings on every client connection: a peer that does not
             // answer within the timeout is gone, so a dead connection is
@@ -171,31 +209,76 @@ impl Application {
             .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
             // GOAWAY at the age; the grace is enforced by `Aged`.
             .max_connection_age(settings.max_connection_age)
+            .layer(AuthLayer::new(security.tokens.clone(), metrics.clone()))
             .layer(RequestSizeLayer::new(MAX_REQUEST_BYTES))
-            .add_service(health_service)
+            .add_service(health_service.clone())
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(presence)
-            .serve_with_incoming_shutdown(incoming, drain.clone().cancelled_owned());
+            .add_service(presence);
+        let server = match &security.tls {
+            Some(tls) => router
+                .serve_with_incoming_shutdown(
+                    tls::incoming(incoming, tls.clone()).map(aged(counted, age, grace)),
+                    drain.clone().cancelled_owned(),
+                )
+                .boxed(),
+            None => router
+                .serve_with_incoming_shutdown(incoming.map(aged(counted, age, grace)), drain.clone().cancelled_owned())
+                .boxed(),
+        };
         tokio::pin!(server);
+        let health_server = security.health_listener.map(|listener| {
+            tokio::spawn(
+                Server::builder()
+                    .add_service(health_service)
+                    .serve_with_incoming_shutdown(
+                        TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        drain.clone().cancelled_owned(),
+                    ),
+            )
+        });
+        let reloads = watch_files(&security.tls, &security.tokens, &background);
+        if security.tls.is_some() && health_address.is_none() {
+            tracing::warn!(
+                "TLS is on and PRESENCE_HEALTH_LISTEN is unset: \
+                 probes that cannot do TLS (Kubernetes' gRPC probe) cannot reach Health"
+            );
+        }
 
+        // The signal handlers are installed when the shutdown future is first
+        // polled: poll it once before saying "serving", so that a signal sent
+        // on seeing that line finds them (and is not the default action,
+        // which kills the process at once).
+        tokio::pin!(shutdown);
+        let signalled_already = shutdown.as_mut().now_or_never().is_some();
         tracing::info!(
             %grpc_address,
             metrics = %metrics::url(metrics_address),
+            health_address = health_address.map(tracing::field::display),
+            tls = match &security.tls {
+                Some(tls) if tls.is_mutual() => "mutual",
+                Some(_) => "on",
+                None => "off",
+            },
+            tokens = security.tokens.is_some(),
+            guest_addresses = security.guests.name(),
             store = %store.describe(),
             tick_interval = %humantime::format_duration(settings.tick_interval),
             "serving"
         );
 
-        tokio::select! {
-            result = &mut server => {
-                background.cancel();
-                metrics_stop.cancel();
-                store.close();
-                result?;
-                return Ok(());
+        if !signalled_already {
+            tokio::select! {
+                result = &mut server => {
+                    background.cancel();
+                    drain.cancel();
+                    metrics_stop.cancel();
+                    store.close();
+                    result?;
+                    return Ok(());
+                }
+                () = &mut shutdown => {}
             }
-            () = shutdown => {}
         }
 
         tracing::info!(
@@ -205,7 +288,7 @@ impl Application {
         // Stop the follower first, so it cannot flip the status back; this
         // also ends every watch stream.
         background.cancel();
-        let _ = tokio::time::timeout(SHUTDOWN_TAIL, async { tokio::join!(follower, keeper) }).await;
+        let _ = tokio::time::timeout(SHUTDOWN_TAIL, async { tokio::join!(follower, keeper, reloads) }).await;
         health.set_service_status("", ServingStatus::NotServing).await;
         health.set_not_serving::<PresenceServer<PresenceService>>().await;
         metrics.set_ready(false);
@@ -215,12 +298,34 @@ impl Application {
             Ok(result) => result?,
             Err(_) => tracing::warn!("shutdown grace elapsed; closing the calls still open"),
         }
+        if let Some(health_server) = health_server {
+            // Its calls are quick: it has drained with the main port.
+            let _ = tokio::time::timeout(SHUTDOWN_TAIL, health_server).await;
+        }
         metrics_stop.cancel();
         let _ = tokio::time::timeout(SHUTDOWN_TAIL, metrics_server).await;
         store.close();
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Re-reads the TLS files and the token file as they change, until
+/// `stop`.
+fn watch_files(
+    tls: &Option<Arc<ServerTls>>,
+    tokens: &Option<Arc<TokenFile>>,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let (tls, tokens) = (tls.clone(), tokens.clone());
+    tokio::spawn(reload::poll(stop.clone(), move || {
+        if let Some(tls) = &tls {
+            tls.reload_if_changed();
+        }
+        if let Some(tokens) = &tokens {
+            tokens.reload_if_changed();
+        }
+    }))
 }
 
 /// Reflection advertises the public services only, listed by name, with
@@ -231,6 +336,20 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .with_service_name(proto::v1::presence_server::SERVICE_NAME)
         .with_service_name("grpc.health.v1.Health")
+}
+
+/// Counts each connection accepted, and closes it past its age and grace.
+fn aged<IO>(
+    metrics: Metrics,
+    age: Duration,
+    grace: Duration,
+) -> impl FnMut(std::io::Result<IO>) -> std::io::Result<Aged<IO>> {
+    move |accepted| {
+        accepted.map(|stream| {
+            metrics.connection_accepted();
+            Aged::new(stream, age, grace)
+        })
+    }
 }
 
 async fn bind(address: SocketAddr) -> Result<TcpListener, StartupError> {

@@ -23,10 +23,17 @@
 // `error.details`; UNAVAILABLE when Presence or its Redis is down or
 // overloaded, and reports are idempotent, so a retry is safe).
 //
+// A secured server (TLS, tokens):
+//   new PresenceClient('presence:50051', { token: TOKEN, caFile: 'ca.pem' })
+// and for mutual TLS certFile and keyFile too. The token is sent as
+// `authorization: Bearer TOKEN` on every call.
+//
 // From a shell:  node presence.js [--target HOST:PORT] COMMAND [--room R]
 //   user NAME | guest IP | list [--limit N] [--page-token T] [--all] | count
 //   | check --user NAME --guest IP | leave --user NAME | rooms [--order name|most_online] | watch
+// (--token and --ca default to $PRESENCE_TOKEN and $PRESENCE_CA_FILE.)
 
+const fs = require('node:fs');
 const path = require('node:path');
 const { setTimeout: sleep } = require('node:timers/promises');
 const { parseArgs } = require('node:util');
@@ -56,15 +63,28 @@ function loadService(protoPath = PROTO_PATH) {
   return grpc.loadPackageDefinition(definition).presence.v1.Presence;
 }
 
+// Plaintext, or TLS trusting `caFile` (with a client certificate for mutual TLS).
+function channelCredentials({ caFile, certFile, keyFile } = {}) {
+  if (!caFile) return grpc.credentials.createInsecure();
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  return grpc.credentials.createSsl(read(caFile), read(keyFile), read(certFile));
+}
+
 class PresenceClient {
-  constructor(target, { deadlineMs = 2000, protoPath = PROTO_PATH, credentials, channelOptions } = {}) {
+  constructor(
+    target,
+    { deadlineMs = 2000, protoPath = PROTO_PATH, credentials, channelOptions, token, caFile, certFile, keyFile } = {},
+  ) {
     const Presence = loadService(protoPath);
-    this.stub = new Presence(target, credentials ?? grpc.credentials.createInsecure(), {
+    this.stub = new Presence(target, credentials ?? channelCredentials({ caFile, certFile, keyFile }), {
       ...CHANNEL_OPTIONS,
       ...channelOptions,
     });
     // Every call gets a deadline: without one a call to a hung server waits forever.
     this.deadlineMs = deadlineMs;
+    // Sent with every call when the server wants tokens.
+    this.metadata = new grpc.Metadata();
+    if (token) this.metadata.set('authorization', `Bearer ${token}`);
   }
 
   // --- Reporting -------------------------------------------------------------
@@ -155,7 +175,7 @@ class PresenceClient {
     const deadline = deadlineMs === undefined ? Infinity : Date.now() + deadlineMs;
     let backoff = retryInitialMs;
     while (!signal?.aborted) {
-      const call = this.stub.WatchOnline({ room }, { deadline });
+      const call = this.stub.WatchOnline({ room }, this.metadata, { deadline });
       const cancel = () => call.cancel();
       signal?.addEventListener('abort', cancel, { once: true });
       // The error that ends the call is also emitted after we stop iterating
@@ -193,7 +213,7 @@ class PresenceClient {
   #call(method, request) {
     return new Promise((resolve, reject) => {
       const options = { deadline: Date.now() + this.deadlineMs };
-      this.stub[method](request, options, (error, reply) => (error ? reject(error) : resolve(reply)));
+      this.stub[method](request, this.metadata, options, (error, reply) => (error ? reject(error) : resolve(reply)));
     });
   }
 }
@@ -266,6 +286,8 @@ async function main(argv) {
       allowPositionals: true,
       options: {
         target: { type: 'string', default: process.env.PRESENCE_TARGET || 'localhost:50051' },
+        token: { type: 'string', default: process.env.PRESENCE_TOKEN || undefined },
+        ca: { type: 'string', default: process.env.PRESENCE_CA_FILE || undefined },
         room: { type: 'string', default: '' },
         limit: { type: 'string', default: '0' },
         'page-token': { type: 'string', default: '' },
@@ -287,7 +309,7 @@ async function main(argv) {
   const names = { usernames: values.user, ipAddresses: values.guest, room };
   const show = (value) => console.log(JSON.stringify(value));
 
-  const presence = new PresenceClient(values.target);
+  const presence = new PresenceClient(values.target, { token: values.token, caFile: values.ca });
   try {
     if (command === 'user' && argument !== undefined) await presence.reportUser(argument, { room });
     else if (command === 'guest' && argument !== undefined) await presence.reportGuest(argument, { room });

@@ -21,11 +21,19 @@ def target() -> str:
     return value
 
 
+@pytest.fixture(scope="session")
+def client_options() -> dict:
+    """How to reach the server: plaintext, or TLS trusting $PRESENCE_CA_FILE,
+    with the token in $PRESENCE_TOKEN (scripts/test-clients runs the suite
+    once against a server with TLS and tokens on)."""
+    return {"token": os.environ.get("PRESENCE_TOKEN") or None, "ca_file": os.environ.get("PRESENCE_CA_FILE") or None}
+
+
 @pytest.fixture
-def client(target):
+def client(target, client_options):
     from presence_client import PresenceClient
 
-    with PresenceClient(target) as presence:
+    with PresenceClient(target, **client_options) as presence:
         yield presence
 
 

@@ -11,6 +11,7 @@ import importlib.resources
 import pathlib
 import sys
 
+import grpc_tools
 from grpc_tools import protoc
 
 HERE = pathlib.Path(__file__).resolve().parent

@@ -19,11 +19,17 @@ Every call takes `room` ("" = the whole site) and keeps a deadline (`timeout`,
 2 s unless told). Failures are grpc.RpcError: `e.code()` is INVALID_ARGUMENT for
 a bad name, address, room or page token (`e.details()` names the field),
 UNAVAILABLE when Presence or its Redis is down or overloaded (reports are
-idempotent: retrying is safe), DEADLINE_EXCEEDED past the deadline.
+idempotent: retrying is safe), DEADLINE_EXCEEDED past the deadline,
+UNAUTHENTICATED or PERMISSION_DENIED without the right token.
+
+A secured server (TLS, tokens): PresenceClient("presence:50051", token=TOKEN,
+ca_file="ca.pem"), and for mutual TLS client_cert_file= and client_key_file=.
+The token is sent as `authorization: Bearer TOKEN` on every call.
 
 From a shell (`--help` for each):
     python presence_client.py [--target HOST:PORT] user NAME | guest IP | list | count
         | check --user NAME --guest IP | leave --user NAME | rooms | watch   [--room R]
+    (--token and --ca default to $PRESENCE_TOKEN and $PRESENCE_CA_FILE.)
 The stubs are generated from the proto first: `python generate.py`.
 """
 
@@ -138,12 +144,52 @@ class Changes:
     guest_count: int
 
 
+def open_channel(
+    target: str,
+    *,
+    ca_file: str | None = None,
+    client_cert_file: str | None = None,
+    client_key_file: str | None = None,
+) -> grpc.Channel:
+    """A channel to `target`: TLS trusting `ca_file` when given (with a client
+    certificate for mutual TLS), else plaintext."""
+    if ca_file is None:
+        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(ca_file), private_key=read(client_key_file), certificate_chain=read(client_cert_file)
+    )
+    return grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+
 class PresenceClient:
     """One channel to a Presence server; safe to share between threads."""
 
-    def __init__(self, target: str, *, timeout: float = 2.0, channel: grpc.Channel | None = None):
-        self._channel = channel if channel is not None else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 2.0,
+        channel: grpc.Channel | None = None,
+        token: str | None = None,
+        ca_file: str | None = None,
+        client_cert_file: str | None = None,
+        client_key_file: str | None = None,
+    ):
+        if channel is None:
+            channel = open_channel(
+                target, ca_file=ca_file, client_cert_file=client_cert_file, client_key_file=client_key_file
+            )
+        self._channel = channel
         self._stub = presence_pb2_grpc.PresenceStub(self._channel)
+        # Sent with every call when the server wants tokens.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         # Every call gets a deadline: without one a call to a hung server waits forever.
         self.timeout = timeout
 
@@ -151,11 +197,11 @@ class PresenceClient:
 
     def report_user(self, username: str, *, room: str = "", timeout: float | None = None) -> None:
         request = presence_pb2.ReportUserRequest(username=username, room=room)
-        self._stub.ReportUser(request, timeout=self._deadline(timeout))
+        self._stub.ReportUser(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     def report_guest(self, ip_address: str, *, room: str = "", timeout: float | None = None) -> None:
         request = presence_pb2.ReportGuestRequest(ip_address=ip_address, room=room)
-        self._stub.ReportGuest(request, timeout=self._deadline(timeout))
+        self._stub.ReportGuest(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     def report_batch(
         self,
@@ -167,7 +213,7 @@ class PresenceClient:
     ) -> None:
         """All or nothing: one bad entry rejects the whole batch. At most 1000 entries."""
         request = presence_pb2.ReportBatchRequest(usernames=list(usernames), ip_addresses=list(ip_addresses), room=room)
-        self._stub.ReportBatch(request, timeout=self._deadline(timeout))
+        self._stub.ReportBatch(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     def leave(
         self,
@@ -180,7 +226,7 @@ class PresenceClient:
         """Takes visitors off the lists at once (a sign-out). Room "" means the
         site and every room; a room means that room only. Last seen is kept."""
         request = presence_pb2.LeaveRequest(usernames=list(usernames), ip_addresses=list(ip_addresses), room=room)
-        self._stub.Leave(request, timeout=self._deadline(timeout))
+        self._stub.Leave(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     # --- Reading -----------------------------------------------------------------
 
@@ -190,7 +236,7 @@ class PresenceClient:
         """One page of each list, sorted ascending by bytes. `limit` is the page
         size: 0 means the server's default (100), and it caps it at 1000."""
         request = presence_pb2.ListOnlineRequest(limit=limit, page_token=page_token, room=room)
-        reply = self._stub.ListOnline(request, timeout=self._deadline(timeout))
+        reply = self._stub.ListOnline(request, timeout=self._deadline(timeout), metadata=self._metadata)
         return OnlinePage(
             list(reply.users), list(reply.guests), reply.user_count, reply.guest_count, reply.next_page_token
         )
@@ -210,7 +256,7 @@ class PresenceClient:
                 return
 
     def count_online(self, *, room: str = "", timeout: float | None = None) -> Counts:
-        reply = self._stub.CountOnline(presence_pb2.CountOnlineRequest(room=room), timeout=self._deadline(timeout))
+        reply = self._stub.CountOnline(presence_pb2.CountOnlineRequest(room=room), timeout=self._deadline(timeout), metadata=self._metadata)
         return Counts(reply.user_count, reply.guest_count)
 
     def check_online(
@@ -224,7 +270,7 @@ class PresenceClient:
         """Whether each one is online (in `room`), and when each user was last
         seen anywhere on the site. At most 1000 entries."""
         request = presence_pb2.CheckOnlineRequest(usernames=list(usernames), ip_addresses=list(ip_addresses), room=room)
-        reply = self._stub.CheckOnline(request, timeout=self._deadline(timeout))
+        reply = self._stub.CheckOnline(request, timeout=self._deadline(timeout), metadata=self._metadata)
         users = [
             UserStatus(
                 user.username,
@@ -244,13 +290,13 @@ class PresenceClient:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
         request = presence_pb2.ListRoomsRequest(limit=limit, page_token=page_token, order=ORDERS[order])
-        reply = self._stub.ListRooms(request, timeout=self._deadline(timeout))
+        reply = self._stub.ListRooms(request, timeout=self._deadline(timeout), metadata=self._metadata)
         rooms = [Room(room.name, room.user_count, room.guest_count) for room in reply.rooms]
         return RoomsPage(rooms, reply.next_page_token)
 
     def watch_online(self, *, room: str = "", timeout: float | None = None) -> Watch:
         """Follows who is online: iterate for a Snapshot, then Changes. See Watch."""
-        return Watch(self._stub, room, timeout=timeout)
+        return Watch(self._stub, room, timeout=timeout, metadata=self._metadata)
 
     # --- Non-blocking variants ---------------------------------------------------
     # For callers that must not wait (the web middleware): they return a
@@ -258,11 +304,11 @@ class PresenceClient:
 
     def report_user_future(self, username: str, *, room: str = "", timeout: float | None = None) -> grpc.Future:
         request = presence_pb2.ReportUserRequest(username=username, room=room)
-        return self._stub.ReportUser.future(request, timeout=self._deadline(timeout))
+        return self._stub.ReportUser.future(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     def report_guest_future(self, ip_address: str, *, room: str = "", timeout: float | None = None) -> grpc.Future:
         request = presence_pb2.ReportGuestRequest(ip_address=ip_address, room=room)
-        return self._stub.ReportGuest.future(request, timeout=self._deadline(timeout))
+        return self._stub.ReportGuest.future(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     def leave_future(
         self,
@@ -273,7 +319,7 @@ class PresenceClient:
         timeout: float | None = None,
     ) -> grpc.Future:
         request = presence_pb2.LeaveRequest(usernames=list(usernames), ip_addresses=list(ip_addresses), room=room)
-        return self._stub.Leave.future(request, timeout=self._deadline(timeout))
+        return self._stub.Leave.future(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     def close(self) -> None:
         self._channel.close()
@@ -309,8 +355,9 @@ class Watch:
         timeout: float | None = None,
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
+        metadata=None,
     ):
-        self._stub, self._room = stub, room
+        self._stub, self._room, self._metadata = stub, room, metadata
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self.retry_initial, self.retry_max = retry_initial, retry_max
         self._lock = threading.Lock()  # guards _call against cancel() from another thread
@@ -343,7 +390,7 @@ class Watch:
                 if self._cancelled.is_set():
                     return
                 self._call = call = self._stub.WatchOnline(
-                    presence_pb2.WatchOnlineRequest(room=self._room), timeout=self._remaining()
+                    presence_pb2.WatchOnlineRequest(room=self._room), timeout=self._remaining(), metadata=self._metadata
                 )
             try:
                 for message in call:
@@ -420,6 +467,8 @@ def print_watch(events: Iterable[Snapshot | Changes], out=sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Report to, read and watch a Presence server.")
     parser.add_argument("--target", default=os.environ.get("PRESENCE_TARGET", "localhost:50051"))
+    parser.add_argument("--token", default=os.environ.get("PRESENCE_TOKEN"), help="a bearer token")
+    parser.add_argument("--ca", default=os.environ.get("PRESENCE_CA_FILE"), help="TLS: the server's CA (PEM)")
     scoped = argparse.ArgumentParser(add_help=False)
     scoped.add_argument("--room", default="", help='a room; "" (the default) is the whole site')
     names = argparse.ArgumentParser(add_help=False)
@@ -442,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("watch", parents=[scoped], help="print joins and leaves as they happen")
     args = parser.parse_args(argv)
 
-    with PresenceClient(args.target) as presence:
+    with PresenceClient(args.target, token=args.token or None, ca_file=args.ca or None) as presence:
         try:
             run(presence, args)
         except grpc.RpcError as error:

@@ -20,9 +20,13 @@ Subcommands:
 
   sentinel --master-port P [--port Q] [--dir DIR] [--master-name NAME]
            [--quorum N] [--down-after-ms MS] [--failover-timeout-ms MS]
+           [--tls-dir DIR]
       Starts a Redis Sentinel on 127.0.0.1:Q (a free port when not given)
       monitoring the master on 127.0.0.1:P, from DIR/sentinel.conf (which
       Sentinel rewrites: one DIR per sentinel). Its log is DIR/sentinel.log.
+      With --tls-dir (made by `certs`), it serves TLS only on Q and talks TLS
+      to the master and replicas (start those with --tls-dir too, and
+      `-- --tls-replication yes`).
 
   certs DIR [--hosts 127.0.0.1,localhost]
       Makes a private test PKI in DIR with the openssl CLI, unless it is
@@ -194,6 +198,18 @@ def cmd_sentinel(args: argparse.Namespace) -> None:
         f"sentinel parallel-syncs {name} 1\n"
     )
     url = f"redis://127.0.0.1:{port}"
+    if args.tls_dir:
+        tls = Path(args.tls_dir).resolve()
+        text = config.read_text().replace(f"port {port}\n", f"port 0\ntls-port {port}\n", 1)
+        config.write_text(
+            text
+            + f"tls-cert-file {tls / 'server.pem'}\n"
+            + f"tls-key-file {tls / 'server.key'}\n"
+            + f"tls-ca-cert-file {tls / 'ca.pem'}\n"
+            + "tls-auth-clients no\n"
+            + "tls-replication yes\n"
+        )
+        url = f"rediss://127.0.0.1:{port}"
     announce_and_exec([program, str(config), "--sentinel"], port=port, socket_path=None, url=url, dir=dir)
 
 
@@ -411,6 +427,7 @@ def main() -> None:
     p.add_argument("--quorum", type=int, default=2)
     p.add_argument("--down-after-ms", type=int, default=1000)
     p.add_argument("--failover-timeout-ms", type=int, default=3000)
+    p.add_argument("--tls-dir", help="a directory made by `certs`: TLS only")
     p.set_defaults(run=cmd_sentinel)
 
     p = commands.add_parser("certs", help="make a private test PKI")

@@ -34,11 +34,16 @@
 //! It sends traffic only to `--target` and stops by itself: every run is
 //! bounded by its duration or request count, and every call by
 //! `--call-timeout`.
+//!
+//! A secured server: `--target https://...` with `--tls-ca` (the CA that
+//! signed the server's certificate), and a bearer token in `PRESENCE_TOKEN`
+//! (or `--token`), sent on every Presence call.
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
     process::ExitCode,
     sync::{
         Arc,
@@ -53,7 +58,9 @@ use presence::proto::v1::{
 };
 use tonic::{
     Code, Status,
-    transport::{Channel, Endpoint},
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
@@ -128,6 +135,15 @@ struct Args {
     /// The longest any one call may take before it counts as an error.
     #[arg(long, default_value = "5s")]
     call_timeout: humantime::Duration,
+
+    /// TLS: the PEM CA that signed the server's certificate (with an
+    /// https:// target).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+
+    /// A bearer token for every Presence call (Health needs none).
+    #[arg(long, env = "PRESENCE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -170,10 +186,16 @@ async fn main() -> ExitCode {
     if args.workload == Workload::WaitServing {
         return wait_serving(&args).await;
     }
+    let bearer = match Bearer::new(args.token.as_deref()) {
+        Ok(bearer) => bearer,
+        Err(error) => {
+            eprintln!("presence-load: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let channels = match connect(&args).await {
         Ok(channels) => channels,
         Err(error) => {
-            let error = chain(&error);
             eprintln!("presence-load: cannot connect to {}: {error}", args.target);
             println!(
                 "{{\"workload\":{},\"error\":{}}}",
@@ -190,7 +212,7 @@ async fn main() -> ExitCode {
         .map(|id| {
             let channel = channels[(id % channels.len() as u64) as usize].clone();
             let worker = Worker {
-                presence: PresenceClient::new(channel.clone()),
+                presence: PresenceClient::with_interceptor(channel.clone(), bearer.clone()),
                 health: HealthClient::new(channel),
                 plan: plan.clone(),
                 rng: SplitMix64::new(plan.run_id ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
@@ -222,20 +244,53 @@ async fn main() -> ExitCode {
 
 /// Opens `--connections` HTTP/2 connections. Each `Endpoint::connect` is a
 /// connection of its own; the callers share them round-robin.
-async fn connect(args: &Args) -> Result<Vec<Channel>, tonic::transport::Error> {
+async fn connect(args: &Args) -> Result<Vec<Channel>, String> {
     let endpoint = endpoint(args)?;
     let mut channels = Vec::new();
     for _ in 0..args.connections {
-        channels.push(endpoint.connect().await?);
+        channels.push(endpoint.connect().await.map_err(|e| chain(&e))?);
     }
     Ok(channels)
 }
 
-fn endpoint(args: &Args) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(args.target.clone())?
+fn endpoint(args: &Args) -> Result<Endpoint, String> {
+    let mut endpoint = Endpoint::from_shared(args.target.clone())
+        .map_err(|e| chain(&e))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))
-        .timeout(*args.call_timeout))
+        .timeout(*args.call_timeout);
+    if let Some(ca) = &args.tls_ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("cannot read --tls-ca {}: {e}", ca.display()))?;
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+        endpoint = endpoint.tls_config(tls).map_err(|e| chain(&e))?;
+    }
+    Ok(endpoint)
+}
+
+/// Adds `authorization: Bearer <token>` to every call, if there is a token.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    fn new(token: Option<&str>) -> Result<Self, String> {
+        token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| "the token is not a valid header value".to_owned())
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 /// What every caller needs to build its requests, computed once.
@@ -385,7 +440,7 @@ struct Answer {
 
 /// One caller: a client per service on its share of the connections.
 struct Worker {
-    presence: PresenceClient<Channel>,
+    presence: PresenceClient<InterceptedService<Channel, Bearer>>,
     health: HealthClient<Channel>,
     plan: Arc<Plan>,
     rng: SplitMix64,

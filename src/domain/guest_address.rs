@@ -6,6 +6,10 @@ use std::{fmt, net::IpAddr, str::FromStr};
 /// counted twice: IPv4 is a dotted quad, IPv6 is RFC 5952 text (lower case,
 /// the longest run of zeros compressed), and an IPv4-mapped IPv6 address
 /// (`::ffff:10.0.0.1`, what a dual-stack socket reports) is its IPv4 address.
+///
+/// Where the address itself must not be kept (`PRESENCE_GUEST_ADDRESSES`,
+/// see `guests`), a guest is its network's address, still an address, or
+/// a [pseudonym](GuestAddress::pseudonym): a keyed digest in hex.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GuestAddress(String);
 
@@ -19,11 +23,29 @@ pub enum GuestAddressError {
 
 impl GuestAddress {
     pub fn parse(text: &str) -> Result<Self, GuestAddressError> {
+        Self::parse_ip(text).map(Self::from)
+    }
+
+    /// The address, canonical (an IPv4-mapped IPv6 address is its IPv4
+    /// address), before it is given a stored form.
+    pub fn parse_ip(text: &str) -> Result<IpAddr, GuestAddressError> {
         if text.is_empty() {
             return Err(GuestAddressError::Empty);
         }
         let address = IpAddr::from_str(text).map_err(|_| GuestAddressError::NotAnAddress)?;
-        Ok(Self::from(address))
+        Ok(address.to_canonical())
+    }
+
+    /// A guest known by a digest of its address (lowercase hex) instead of
+    /// the address.
+    pub fn pseudonym(digest: &[u8]) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = String::with_capacity(digest.len() * 2);
+        for byte in digest {
+            text.push(char::from(HEX[usize::from(byte >> 4)]));
+            text.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+        Self(text)
     }
 
     pub fn as_str(&self) -> &str {
@@ -81,6 +103,11 @@ mod tests {
     fn an_ipv4_mapped_ipv6_address_is_the_ipv4_address() {
         assert_eq!(canonical("::ffff:10.0.0.1"), Ok("10.0.0.1".to_owned()));
         assert_eq!(canonical("::FFFF:a00:1"), Ok("10.0.0.1".to_owned()));
+    }
+
+    #[test]
+    fn a_pseudonym_is_the_digest_in_lowercase_hex() {
+        assert_eq!(GuestAddress::pseudonym(&[0x00, 0x9f, 0xa0, 0xff]).as_str(), "009fa0ff");
     }
 
     #[test]

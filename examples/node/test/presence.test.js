@@ -10,13 +10,16 @@ const { after, before, describe, it } = require('node:test');
 const { promisify } = require('node:util');
 const { PresenceClient, status } = require('../presence');
 const { TARGET, byBytes, everyone, randomGroup, randomIpv4, rejection, unique } = require('./helpers');
+// scripts/test-clients runs this suite once against a server with TLS and
+// tokens on: the CA to trust and a read token.
+const OPTIONS = { token: process.env.PRESENCE_TOKEN || undefined, caFile: process.env.PRESENCE_CA_FILE || undefined };
 
 describe('Presence from Node', () => {
   let presence;
 
   before(() => {
     assert.ok(TARGET, 'PRESENCE_TARGET is unset: run scripts/test-clients, or set it to host:port');
-    presence = new PresenceClient(TARGET);
+    presence = new PresenceClient(TARGET, OPTIONS);
   });
 
   after(() => presence?.close());
@@ -119,6 +122,17 @@ describe('Presence from Node', () => {
       assert.ok(Date.now() - started < 2000, `took ${Date.now() - started} ms`);
     } finally {
       nowhere.close();
+    }
+  });
+
+  it('is refused without the token by a server with tokens on', async (t) => {
+    if (!OPTIONS.token) return t.skip('the server runs without tokens');
+    const anonymous = new PresenceClient(TARGET, { caFile: OPTIONS.caFile });
+    try {
+      const error = await rejection(anonymous.listOnline());
+      assert.equal(error.code, status.UNAUTHENTICATED, error.message);
+    } finally {
+      anonymous.close();
     }
   });
 

@@ -7,7 +7,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers import by_bytes, everyone, random_group, random_ipv4
-from presence_client import PresenceClient, main
+from presence_client import PresenceClient, main, open_channel
 
 
 def rejected(call) -> grpc.RpcError:
@@ -136,8 +136,8 @@ def test_reporting_again_does_not_count_twice(client, unique):
 
 
 @pytest.mark.parametrize("service", ["", "presence.v1.Presence"])
-def test_health_says_serving(target, service):
-    with grpc.insecure_channel(target) as channel:
+def test_health_says_serving(target, client_options, service):
+    with open_channel(target, ca_file=client_options["ca_file"]) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -156,3 +156,11 @@ def test_the_command_line_reports_and_lists(target, unique, capsys):
     assert f'"{unique}-cli"' in capsys.readouterr().out
     assert main(["--target", target, "user", " bad"]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_a_secured_server_refuses_a_call_without_its_token(target, client_options):
+    if not client_options["token"]:
+        pytest.skip("the server runs without tokens (scripts/test-clients runs the suite once with them)")
+    with PresenceClient(target, ca_file=client_options["ca_file"]) as anonymous:
+        error = rejected(lambda: anonymous.list_online())
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED

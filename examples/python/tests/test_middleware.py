@@ -381,13 +381,13 @@ def serve():
 
 
 @pytest.fixture
-def web_app():
+def web_app(client_options):
     """Makes a site behind one trusted proxy, whose login layer sets an X-User
     header, reporting to the Presence at `target`."""
     clients = []
 
     def make(target, **reporter_options):
-        clients.append(PresenceClient(target))
+        clients.append(PresenceClient(target, **client_options))
         reporter = PresenceReporter(clients[-1], **reporter_options)
         return PresenceMiddleware(
             hello, reporter, get_user=lambda environ: environ.get("HTTP_X_USER"), trusted_proxies=1

@@ -227,6 +227,101 @@ the Deployment, so every render runs it.
 {{- if and .Values.networkPolicy.enabled .Values.networkPolicy.egress.enabled (or .Values.redis.url .Values.redis.existingSecret) (not .Values.networkPolicy.egress.redisTo) }}
 {{- fail "networkPolicy.egress.enabled with an external Redis needs networkPolicy.egress.redisTo (e.g. an ipBlock for the Redis address), or every Redis call is blocked." }}
 {{- end }}
+{{- include "presence.validateSecurity" . }}
+{{- end }}
+
+{{/*
+Securing the deployment. The TLS Secret: the one given, else the
+cert-manager Certificate's.
+*/}}
+{{- define "presence.tlsSecretName" -}}
+{{- if .Values.tls.existingSecret }}
+{{- .Values.tls.existingSecret }}
+{{- else }}
+{{- printf "%s-tls" (include "presence.fullname" . | trunc 59 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{/*
+The port the probes call: the plaintext health port when the gRPC port
+speaks TLS (Kubernetes' gRPC probe cannot), else the gRPC port.
+*/}}
+{{- define "presence.probePort" -}}
+{{- if .Values.tls.enabled }}
+{{- .Values.containerPorts.health }}
+{{- else }}
+{{- .Values.containerPorts.grpc }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the Secrets are mounted: each as a directory (never subPath, which
+would freeze the file), so that the kubelet's updates reach the process.
+*/}}
+{{- define "presence.secretsDir" -}}/etc/presence{{- end }}
+
+{{/*
+Peers of the gRPC and metrics ports, as NetworkPolicyPeer list items.
+Empty: the port is closed to pods.
+*/}}
+{{- define "presence.grpcPeers" -}}
+{{- if .Values.networkPolicy.grpcFromSameNamespace }}
+- podSelector: {}
+{{- end }}
+{{- range .Values.networkPolicy.grpcFromNamespaces }}
+- namespaceSelector:
+    matchLabels:
+      kubernetes.io/metadata.name: {{ . | quote }}
+{{- end }}
+{{- with .Values.networkPolicy.grpcFrom }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "presence.metricsPeers" -}}
+{{- range .Values.networkPolicy.metricsFromNamespaces }}
+- namespaceSelector:
+    matchLabels:
+      kubernetes.io/metadata.name: {{ . | quote }}
+{{- end }}
+{{- with .Values.networkPolicy.metricsFrom }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks of the security values, across keys. Included by presence.validate.
+*/}}
+{{- define "presence.validateSecurity" -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (not .Values.tls.certManager.enabled) }}
+{{- fail "tls.enabled needs a certificate: set tls.existingSecret (a kubernetes.io/tls Secret) or tls.certManager.enabled=true with tls.certManager.issuerRef.name." }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.enabled) }}
+{{- fail "tls.certManager.enabled makes a certificate for the gRPC port: set tls.enabled=true too." }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled .Values.tls.existingSecret }}
+{{- fail "tls.existingSecret and tls.certManager.enabled are two sources of the certificate: keep one." }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) }}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name (an Issuer or ClusterIssuer of cert-manager)." }}
+{{- end }}
+{{- if and .Values.tls.clientCa.existingSecret (not .Values.tls.enabled) }}
+{{- fail "tls.clientCa.existingSecret (mutual TLS) needs tls.enabled=true." }}
+{{- end }}
+{{- if and (eq .Values.guests.addresses "hashed") (not .Values.guests.hashKeySecret) }}
+{{- fail "guests.addresses=hashed needs guests.hashKeySecret: a Secret with a key of at least 32 bytes (e.g. from `openssl rand -hex 32`), the same for every pod." }}
+{{- end }}
+{{- if and .Values.guests.hashKeySecret (ne .Values.guests.addresses "hashed") }}
+{{- fail "guests.hashKeySecret is used only with guests.addresses=hashed." }}
+{{- end }}
+{{- if .Values.redis.caSecret }}
+{{- if or .Values.trialRedis.enabled .Values.inMemory.enabled }}
+{{- fail "redis.caSecret is for your own Redis over TLS (rediss://): the trial Redis and the in-memory store have no TLS." }}
+{{- end }}
+{{- if and .Values.redis.url (not (hasPrefix "rediss://" .Values.redis.url)) }}
+{{- fail "redis.caSecret needs a rediss:// redis.url (Redis over TLS)." }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bb8_redis::{bb8, bb8::ManageConnection};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion,
-    RedisError, RedisFuture, Value,
+    RedisError, RedisFuture, TlsCertificates, Value,
     aio::{AsyncPushSender, ConnectionLike, MultiplexedConnection},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
@@ -46,6 +46,9 @@ pub struct RedisTarget {
     pub sentinel_master: String,
     /// Connecting, and every response, each within this.
     pub timeout: Duration,
+    /// `rediss://` with a private CA: the certificates every connection
+    /// trusts (the cluster client is given them apart).
+    pub certificates: Option<TlsCertificates>,
 }
 
 impl RedisTarget {
@@ -55,7 +58,25 @@ impl RedisTarget {
             mode,
             sentinel_master: sentinel_master.to_owned(),
             timeout,
+            certificates: None,
         })
+    }
+
+    /// With a `rediss://` URL, trusts the CA certificates in `pem`
+    /// (PRESENCE_REDIS_CA) instead of the system's, on every connection:
+    /// to the server, to a cluster's nodes, to the sentinels and to the
+    /// master they name.
+    pub fn with_ca(mut self, pem: Option<&[u8]>) -> Result<Self, RedisError> {
+        let Some(pem) = pem else { return Ok(self) };
+        let certificates = TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        };
+        self.info = Client::build_with_tls(self.info, certificates.clone())?
+            .get_connection_info()
+            .clone();
+        self.certificates = Some(certificates);
+        Ok(self)
     }
 
     /// The address, without credentials, for logs.
@@ -196,6 +217,9 @@ fn cluster_client(target: &RedisTarget, push: Option<Arc<dyn AsyncPushSender>>) 
         // caller and from the repeat filter; the store's timeout bounds
         // every call anyway.
         .retries(1);
+    if let Some(certificates) = &target.certificates {
+        builder = builder.certs(certificates.clone());
+    }
     if let Some(push) = push {
         builder = builder
             .use_protocol(ProtocolVersion::RESP3)

@@ -79,6 +79,8 @@ pub struct RedisStoreConfig {
     pub interval: Duration,
     /// Last seen: how precise, and how long kept; `None` is off.
     pub last_seen: Option<(Duration, Duration)>,
+    /// `rediss://` with a private CA: its PEM certificates.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 /// What every part of the store shares: connections, scripts, keys.
@@ -428,7 +430,8 @@ impl RedisStore {
     /// (pings, pub/sub) start at once and stop with [`Store::close`].
     pub fn start(config: RedisStoreConfig) -> Result<Self, redis::RedisError> {
         let timeout = config.timeout;
-        let target = RedisTarget::parse(&config.url, config.mode, &config.sentinel_master, timeout)?;
+        let target = RedisTarget::parse(&config.url, config.mode, &config.sentinel_master, timeout)?
+            .with_ca(config.tls_ca.as_deref())?;
         let connections = Connections::new(&target, config.pool_size)?;
         let period = millis(config.interval).max(1);
         let redis = Arc::new(Redis {
