@@ -10,10 +10,10 @@ use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 use crate::{
+    binary::{Binary, command as presence},
     certs::TestCerts,
     helpers::eventually,
     launcher::{self, Process},
-    binary::{Binary, command as presence},
     redis_server::RedisServer,
 };
 

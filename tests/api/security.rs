@@ -21,9 +21,9 @@ use tonic::{
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 use crate::{
+    binary::{Binary, command as presence},
     certs::TestCerts,
     helpers::{eventually, unique},
-    binary::{Binary, command as presence},
     redis_server::RedisServer,
 };
 
