@@ -6,7 +6,7 @@
 const assert = require('node:assert/strict');
 const { after, before, describe, it } = require('node:test');
 const { PresenceClient, status } = require('../presence');
-const { TARGET, byBytes, everyone, online, randomGroup, randomIpv4, rejection, unique } = require('./helpers');
+const { TARGET, OPTIONS, byBytes, everyone, online, randomGroup, randomIpv4, rejection, unique } = require('./helpers');
 
 const names = (prefix, count) => Array.from({ length: count }, (_, i) => `${prefix}-${String(i).padStart(4, '0')}`);
 
@@ -27,7 +27,7 @@ describe('Presence from Node: paging, counts, checks, leave, rooms', () => {
 
   before(() => {
     assert.ok(TARGET, 'PRESENCE_TARGET is unset: run scripts/test-clients, or set it to host:port');
-    presence = new PresenceClient(TARGET);
+    presence = new PresenceClient(TARGET, OPTIONS);
   });
 
   after(() => presence?.close());

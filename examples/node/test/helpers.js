@@ -10,6 +10,9 @@ const { setTimeout: sleep } = require('node:timers/promises');
 const { PresenceClient } = require('../presence');
 
 const TARGET = process.env.PRESENCE_TARGET;
+// scripts/test-clients runs the suites once more against a server with TLS
+// and tokens on: the CA to trust and a read token.
+const OPTIONS = { token: process.env.PRESENCE_TOKEN || undefined, caFile: process.env.PRESENCE_CA_FILE || undefined };
 const PRIVATE_REDIS = path.join(__dirname, '..', '..', '..', 'scripts', 'lib', 'private_redis.py');
 
 // A prefix no other test or run uses, so tests never see each other's names.
@@ -127,6 +130,7 @@ class Replica {
 
 module.exports = {
   TARGET,
+  OPTIONS,
   unique,
   randomIpv4,
   randomGroup,

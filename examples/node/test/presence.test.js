@@ -9,10 +9,7 @@ const path = require('node:path');
 const { after, before, describe, it } = require('node:test');
 const { promisify } = require('node:util');
 const { PresenceClient, status } = require('../presence');
-const { TARGET, byBytes, everyone, randomGroup, randomIpv4, rejection, unique } = require('./helpers');
-// scripts/test-clients runs this suite once against a server with TLS and
-// tokens on: the CA to trust and a read token.
-const OPTIONS = { token: process.env.PRESENCE_TOKEN || undefined, caFile: process.env.PRESENCE_CA_FILE || undefined };
+const { TARGET, OPTIONS, byBytes, everyone, randomGroup, randomIpv4, rejection, unique } = require('./helpers');
 
 describe('Presence from Node', () => {
   let presence;

@@ -408,9 +408,9 @@ def test_a_web_request_reports_its_user_and_guest_to_presence(serve, web_app, ta
     assert eventually(lambda: online(client, guests=[guest]))
 
 
-def test_a_web_sign_out_leaves_at_once_and_the_room_comes_from_the_path(serve, target, client, unique):
+def test_a_web_sign_out_leaves_at_once_and_the_room_comes_from_the_path(serve, target, client, client_options, unique):
     name, room = f"{unique}-leaving", f"forum/{unique}"
-    with PresenceClient(target) as reporting:
+    with PresenceClient(target, **client_options) as reporting:
         reporter = PresenceReporter(reporting)
         x_user = lambda environ: environ.get("HTTP_X_USER")  # noqa: E731 (the login layer: a header)
         fetch = serve(PresenceMiddleware(with_logout(reporter, x_user), reporter, get_user=x_user, get_room=forum_of))
