@@ -7,12 +7,15 @@ values, so this checks what the schema cannot see:
   1. helm lint --strict on scenarios that together render every template;
   2. helm template of every scenario, each manifest validated against the
      Kubernetes API schemas (strict); the Prometheus Operator's CRDs have no
-     schema there and get structural checks. Then what must hold in the
-     render: gRPC probes on the right services, the Redis URL only from a
+     schema there and get structural checks (so do cert-manager's). Then
+     what must hold in the render: gRPC probes on the right services (on
+     the plaintext health port when TLS is on), the Redis URL only from a
      Secret, restricted security contexts, rollouts that keep capacity, the
      environment the service reads, Services that select the pods, optional
-     resources present exactly when asked for, dashboard queries and alert
-     rules scoped to the release;
+     resources present exactly when asked for, NetworkPolicies (on by
+     default) letting in exactly the peers listed, TLS/token/key/CA files
+     each from its Secret mounted so that rotation reaches the process,
+     dashboard queries and alert rules scoped to the release;
   3. bad values that must fail: a few for the schema, and every check the
      templates make themselves, each with its message;
   4. NOTES.txt's commands, the README's values table and runbooks;
@@ -53,7 +56,14 @@ FULLNAME = f"{RELEASE}-presence"
 CRDS = {  # no schema in kubernetes-validate: structural checks instead
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("cert-manager.io/v1", "Certificate"),
 }
+CERTIFICATE_FIELDS = {  # cert-manager.io/v1 Certificate spec, as its CRD has it
+    "secretName", "secretTemplate", "commonName", "dnsNames", "uris", "emailAddresses", "ipAddresses",
+    "otherNames", "duration", "renewBefore", "renewBeforePercentage", "issuerRef", "isCA", "usages",
+    "privateKey", "keystores", "encodeUsagesInRequest", "revisionHistoryLimit", "subject",
+    "literalSubject", "additionalOutputFormats", "nameConstraints",
+}  # fmt: skip
 SEVERITIES = ("critical", "warning", "info")
 PROM_DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 
@@ -128,7 +138,6 @@ OBSERVED_ELSEWHERE = OBSERVED + sets(
 )
 EVERYTHING = OBSERVED + sets(
     "autoscaling.enabled=true",
-    "networkPolicy.enabled=true",
     "networkPolicy.egress.enabled=true",
     "service.headless=true",
 )
@@ -149,8 +158,15 @@ class Scenario:
         """KEY: VALUE of each --set (--set-string, --set-json) pair."""
         return dict(arg.split("=", 1) for arg in self.sets[1::2])
 
-    def on(self, key: str) -> bool:
-        return self.values.get(key) == "true"
+    def on(self, key: str, default: bool = False) -> bool:
+        return self.values.get(key, str(default).lower()) == "true"
+
+    def listed(self, key: str, default: tuple = ()) -> list:
+        """A list value: --set KEY={a,b} or --set-json KEY=[...]."""
+        raw = self.values.get(key)
+        if raw is None:
+            return list(default)
+        return json.loads(raw) if raw.startswith("[") else [x for x in raw.strip("{}").split(",") if x]
 
     @property
     def prestop_sleep(self) -> bool:  # the native sleep action needs 1.30+
@@ -168,10 +184,14 @@ SCENARIOS = [
     Scenario("PDB switched off", sets("podDisruptionBudget.enabled=false"), pdb=False),
     Scenario("ServiceMonitor", sets("serviceMonitor.enabled=true")),
     Scenario("dashboard and alerts", OBSERVED_ELSEWHERE),
-    Scenario("NetworkPolicy", sets("networkPolicy.enabled=true")),
+    Scenario("NetworkPolicy switched off", sets("networkPolicy.enabled=false")),
+    Scenario(
+        "NetworkPolicy closed (no peer)",
+        sets("networkPolicy.grpcFromSameNamespace=false") + ["--set-json", "networkPolicy.metricsFromNamespaces=[]"],
+    ),
     Scenario(
         "NetworkPolicy with egress, external Redis",
-        EXISTING + sets("networkPolicy.enabled=true", "networkPolicy.egress.enabled=true") + EGRESS_TO_REDIS,
+        EXISTING + sets("networkPolicy.egress.enabled=true") + EGRESS_TO_REDIS,
         store="existing",
     ),
     Scenario("external Redis URL", EXTERNAL, store="url"),
@@ -194,6 +214,34 @@ SCENARIOS = [
     ),
 ]
 MUTATION_BASE = "dashboard and alerts"
+
+# Securing a deployment: TLS, mutual TLS, tokens, guest addresses, rediss.
+TLS_EXISTING = sets("tls.enabled=true", "tls.existingSecret=presence-tls")
+TLS_CERT_MANAGER = sets("tls.enabled=true", "tls.certManager.enabled=true", "tls.certManager.issuerRef.name=ca")
+MTLS = sets("tls.clientCa.existingSecret=presence-clients")
+TOKENS = sets("auth.existingSecret=presence-tokens")
+HASHED = sets("guests.addresses=hashed", "guests.hashKeySecret=presence-guest-key")
+REDISS = EXISTING + sets("redis.caSecret=presence-redis-ca")
+PEERS = sets("networkPolicy.grpcFromNamespaces={web,admin}") + [
+    "--set-json",
+    'networkPolicy.grpcFrom=[{"namespaceSelector":{},"podSelector":{"matchLabels":{"app":"gateway"}}}]',
+]
+SECURE_BASE = "everything secured"
+SCENARIOS += [
+    Scenario("TLS from an existing Secret", TLS_EXISTING),
+    Scenario("TLS from cert-manager, mutual TLS", TLS_CERT_MANAGER + MTLS),
+    Scenario("tokens, no test token (no test pod)", TOKENS),
+    Scenario("guests hashed", HASHED),
+    Scenario("rediss with a private CA", REDISS, store="existing"),
+    Scenario(
+        SECURE_BASE,
+        TLS_CERT_MANAGER + MTLS + TOKENS + HASHED + REDISS + PEERS + EGRESS_TO_REDIS
+        + sets("tests.readTokenSecret=presence-test-token", "networkPolicy.egress.enabled=true")
+        + sets("service.headless=true"),
+        store="existing",
+        lint=True,
+    ),
+]  # fmt: skip
 
 # Values that must not render, and a piece of the message each must give.
 # A few for the schema (type, pattern, enum, unknown keys); then every check
@@ -223,9 +271,18 @@ BAD_VALUES = [
     ),
     (
         "egress policy with external Redis and no redisTo",
-        EXISTING + sets("networkPolicy.enabled=true", "networkPolicy.egress.enabled=true"),
+        EXISTING + sets("networkPolicy.egress.enabled=true"),
         "redisTo",
     ),
+    ("TLS without a certificate", sets("tls.enabled=true"), "tls.enabled needs a certificate"),
+    ("cert-manager without TLS", sets("tls.certManager.enabled=true"), "set tls.enabled=true"),
+    ("cert-manager without an issuer", sets("tls.enabled=true", "tls.certManager.enabled=true"), "issuerRef.name"),
+    ("two certificate sources", TLS_CERT_MANAGER + sets("tls.existingSecret=x"), "two sources"),
+    ("a client CA without TLS", MTLS, "needs tls.enabled=true"),
+    ("hashed guests without a key", sets("guests.addresses=hashed"), "needs guests.hashKeySecret"),
+    ("a hash key for plain guests", sets("guests.hashKeySecret=k"), "only with guests.addresses=hashed"),
+    ("a Redis CA for the trial Redis", sets("redis.caSecret=ca"), "no TLS"),
+    ("a Redis CA with a redis:// URL", EXTERNAL + sets("redis.caSecret=ca"), "rediss://"),
 ]
 
 
@@ -260,6 +317,10 @@ def container_port(container: dict, name: str) -> int | None:
 
 def pod_labels(dep: dict) -> dict:
     return dep["spec"]["template"]["metadata"]["labels"]
+
+
+def tls_on(container: dict) -> bool:
+    return any(e["name"] == "PRESENCE_TLS_CERT" for e in container.get("env", []))
 
 
 def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
@@ -324,13 +385,16 @@ def check_probes(docs: list[dict], sc: Scenario) -> list[str]:
     if not dep:
         return problems
     c = presence_container(dep)
+    # With TLS on the gRPC port, the kubelet (no TLS, no token) must call the
+    # plaintext health port instead.
+    port, which = (container_port(c, "health"), "health") if tls_on(c) else (container_port(c, "grpc"), "gRPC")
     want = {"startupProbe": LIVENESS_SERVICE, "livenessProbe": LIVENESS_SERVICE, "readinessProbe": READINESS_SERVICE}
     for probe, service in want.items():
         g = (c.get(probe) or {}).get("grpc")
         if not g or {"httpGet", "tcpSocket", "exec"} & set(c[probe]):
             problems.append(f"{probe} is not a native gRPC probe: {c.get(probe)}")
-        elif g.get("port") != GRPC_PORT or container_port(c, "grpc") != GRPC_PORT:
-            problems.append(f"{probe} probes port {g.get('port')}, the gRPC port is {container_port(c, 'grpc')}")
+        elif not port or g.get("port") != port or container_port(c, "grpc") != GRPC_PORT:
+            problems.append(f"{probe} probes port {g.get('port')}, the {which} port is {port}")
         elif g.get("service") != service:
             problems.append(f"{probe} asks for service {g.get('service')!r}, want {service!r}")
     return problems
@@ -388,7 +452,10 @@ def check_env(docs: list[dict], sc: Scenario, known: set[str]) -> list[str]:
     unknown = {n for n in env if n.startswith("PRESENCE_") or n == "RUST_LOG"} - known
     if unknown:
         problems.append(f"variables the service does not read: {sorted(unknown)}")
-    for var, port in (("PRESENCE_LISTEN", "grpc"), ("PRESENCE_METRICS_LISTEN", "metrics")):
+    listeners = [("PRESENCE_LISTEN", "grpc"), ("PRESENCE_METRICS_LISTEN", "metrics")]
+    if "PRESENCE_HEALTH_LISTEN" in env or container_port(c, "health"):
+        listeners.append(("PRESENCE_HEALTH_LISTEN", "health"))
+    for var, port in listeners:
         if not str(env.get(var)).endswith(f":{container_port(c, port)}"):
             problems.append(f"{var} {env.get(var)!r} is not the {port!r} container port")
     if env.get("PRESENCE_REDIS_MODE") == "sentinel" and not env.get("PRESENCE_REDIS_SENTINEL_MASTER"):
@@ -453,8 +520,12 @@ def check_service(docs: list[dict], sc: Scenario) -> list[str]:
         return problems + [f"expected one ClusterIP Service for presence, found {len(svcs)}"]
     ports = {p.get("name"): p for p in svcs[0]["spec"]["ports"]}
     grpc, metrics = ports.get("grpc") or {}, ports.get("metrics") or {}
-    if grpc.get("appProtocol") not in ("kubernetes.io/h2c", "grpc"):
-        problems.append(f"grpc port appProtocol is {grpc.get('appProtocol')!r}")
+    cleartext = ("kubernetes.io/h2c", "grpc")  # meshes would speak cleartext HTTP/2 to a TLS port
+    tls = tls_on(presence_container(dep))
+    for s in svcs + headless:
+        p = next((p for p in s["spec"]["ports"] if p.get("name") == "grpc"), {})
+        if not p.get("appProtocol") or (p["appProtocol"] in cleartext) == tls:
+            problems.append(f"{s['metadata']['name']}: grpc appProtocol {p.get('appProtocol')!r} with TLS {tls}")
     if grpc.get("targetPort") not in ("grpc", GRPC_PORT) or grpc.get("port") != GRPC_PORT:
         problems.append(f"grpc port maps {grpc.get('port')} -> {grpc.get('targetPort')}")
     if metrics.get("targetPort") not in ("metrics", METRICS_PORT):
@@ -473,8 +544,8 @@ def present(docs: list[dict], kind: str, wanted: bool) -> list[str]:
 
 
 def check_optional(docs: list[dict], sc: Scenario) -> list[str]:
-    """HPA, PDB, NetworkPolicy: present exactly when expected, pointing at
-    the right things."""
+    """HPA and PDB: present exactly when expected, pointing at the right
+    things."""
     dep, problems = server(docs)
     if not dep:
         return problems
@@ -488,17 +559,58 @@ def check_optional(docs: list[dict], sc: Scenario) -> list[str]:
     for p in of_kind(docs, "PodDisruptionBudget"):
         if not selects(p["spec"]["selector"]["matchLabels"], labels):
             problems.append("the PDB does not select the presence pods")
+    return problems
 
+
+def peer(p: dict) -> str:
+    """A NetworkPolicyPeer in words: the namespace(s), then the pods."""
+    if "ipBlock" in p:
+        return f"ipBlock {p['ipBlock'].get('cidr')}"
+    ns, pods = p.get("namespaceSelector"), p.get("podSelector") or {}
+    if ns is None:
+        where = f"namespace {NAMESPACE}"  # the policy's own
+    elif not (ns.get("matchLabels") or ns.get("matchExpressions")):
+        where = "every namespace"
+    elif not ns.get("matchExpressions") and list(ns["matchLabels"]) == ["kubernetes.io/metadata.name"]:
+        where = f"namespace {ns['matchLabels']['kubernetes.io/metadata.name']}"
+    else:
+        where = f"namespaces {json.dumps(ns, sort_keys=True)}"
+    everyone = not (pods.get("matchLabels") or pods.get("matchExpressions"))
+    return where if everyone else f"{where}, pods {json.dumps(pods, sort_keys=True)}"
+
+
+def check_network_policy(docs: list[dict], sc: Scenario) -> list[str]:
+    """On unless switched off. The presence pods' gRPC and metrics ports let
+    in exactly the peers the values list (by default: the release's
+    namespace, and `monitoring` for metrics), a port with no peer closed and
+    none open to everyone; egress, when restricted, to DNS and Redis; the
+    trial Redis (no password) reachable by the presence pods alone."""
+    dep, problems = server(docs)
+    if not dep:
+        return problems
+    labels = pod_labels(dep)
     nps = of_kind(docs, "NetworkPolicy")
-    problems += present(docs, "NetworkPolicy", sc.on("networkPolicy.enabled"))
+    problems += present(docs, "NetworkPolicy", sc.on("networkPolicy.enabled", True))
+    grpc = {f"namespace {NAMESPACE}"} if sc.on("networkPolicy.grpcFromSameNamespace", True) else set()
+    grpc |= {f"namespace {n}" for n in sc.listed("networkPolicy.grpcFromNamespaces")}
+    grpc |= {peer(p) for p in sc.listed("networkPolicy.grpcFrom")}
+    metrics = {f"namespace {n}" for n in sc.listed("networkPolicy.metricsFromNamespaces", ("monitoring",))}
+    metrics |= {peer(p) for p in sc.listed("networkPolicy.metricsFrom")}
+    want = {port: peers for port, peers in (("grpc", grpc), ("metrics", metrics)) if peers}
     own = [n for n in nps if selects(n["spec"]["podSelector"]["matchLabels"], labels)]
     if nps and len(own) != 1:
         problems.append(f"{len(own)} NetworkPolicies select the presence pods, want 1")
     elif own:
         spec = own[0]["spec"]
-        opened = {p.get("port") for rule in spec.get("ingress", []) for p in rule.get("ports", [])}
-        if not {"grpc", "metrics"} <= opened:
-            problems.append(f"presence NetworkPolicy opens {opened}, not grpc and metrics")
+        opened: dict[str, set[str]] = {}
+        for rule in spec.get("ingress") or []:
+            peers = {peer(p) for p in rule.get("from") or []} or {"every peer"}
+            for p in rule.get("ports") or [{}]:
+                opened.setdefault(str(p.get("port", "every port")), set()).update(peers)
+        if "Ingress" not in spec.get("policyTypes", []):
+            problems.append("the presence NetworkPolicy does not restrict ingress (policyTypes)")
+        if opened != want:
+            problems.append(f"the presence pods let in {opened or 'no one'}, want {want or 'no one'}")
         egress = sc.on("networkPolicy.egress.enabled")
         if ("Egress" in spec.get("policyTypes", [])) != egress:
             problems.append(f"egress restricted: {not egress}, expected: {egress}")
@@ -514,6 +626,105 @@ def check_optional(docs: list[dict], sc: Scenario) -> list[str]:
             for p in peers
         ):
             problems.append("the trial Redis (no password) is not reachable by the presence pods alone")
+    return problems
+
+
+def feature_secrets(sc: Scenario) -> dict[str, str | None]:
+    """The file variables of the security features, each with the Secret it
+    must be read from (None: the feature is off and the variable unset)."""
+    v = sc.values
+    tls = v.get("tls.existingSecret") or (f"{FULLNAME}-tls" if sc.on("tls.certManager.enabled") else None)
+    return {
+        "PRESENCE_TLS_CERT": tls,
+        "PRESENCE_TLS_KEY": tls,
+        "PRESENCE_TLS_CLIENT_CA": v.get("tls.clientCa.existingSecret"),
+        "PRESENCE_AUTH_TOKENS_FILE": v.get("auth.existingSecret"),
+        "PRESENCE_GUEST_HASH_KEY_FILE": v.get("guests.hashKeySecret"),
+        "PRESENCE_REDIS_CA": v.get("redis.caSecret"),
+    }
+
+
+def mounted_secret(pod: dict, container: dict, path: str) -> tuple[str | None, list[str]]:
+    """The Secret a file is read from, and what is wrong with its mount: a
+    subPath mount never sees the kubelet's updates (a renewed certificate, a
+    rotated token), and a Secret file should not be readable by others."""
+    mounts = [m for m in container.get("volumeMounts", []) if f"{path}/".startswith(m["mountPath"].rstrip("/") + "/")]
+    if len(mounts) != 1:
+        return None, [f"{path} is not in exactly one mounted volume"]
+    problems = [f"{path}: mounted with subPath, so updates never reach the process"] if {
+        "subPath", "subPathExpr"} & set(mounts[0]) else []  # fmt: skip
+    secret = next((v for v in pod.get("volumes", []) if v["name"] == mounts[0]["name"]), {}).get("secret")
+    if not secret:
+        return None, problems + [f"{path}: volume {mounts[0]['name']} is not a Secret"]
+    if secret.get("defaultMode", 0o644) & 0o007:
+        problems.append(f"{path}: Secret volume mode {oct(secret.get('defaultMode', 0o644))} is readable by others")
+    return secret.get("secretName"), problems
+
+
+def check_security(docs: list[dict], sc: Scenario) -> list[str]:
+    """TLS, mutual TLS, tokens, the guest hash key and the Redis CA: each
+    variable set only when its feature is on, to a file of the right Secret,
+    mounted as a directory; with TLS a health port no Service exposes, and
+    (cert-manager) a Certificate for the Secret the pods read naming every
+    Service; the helm test pod speaking TLS and sending the read token, or
+    not rendered when tokens are on and it has none."""
+    dep, problems = server(docs)
+    if not dep:
+        return problems
+    pod, c = dep["spec"]["template"]["spec"], presence_container(dep)
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    secrets = feature_secrets(sc)
+    for var, secret in secrets.items():
+        if not secret or not env.get(var):
+            if secret:
+                problems.append(f"{var} is not set, though its feature is on (Secret {secret})")
+            elif var in env:
+                problems.append(f"{var} is set, though its feature is off")
+            continue
+        name, found = mounted_secret(pod, c, env[var])
+        problems += found + ([] if name == secret else [f"{var} is read from Secret {name!r}, want {secret!r}"])
+    guests = sc.values.get("guests.addresses", "plain")
+    if env.get("PRESENCE_GUEST_ADDRESSES") != guests:
+        problems.append(f"PRESENCE_GUEST_ADDRESSES is {env.get('PRESENCE_GUEST_ADDRESSES')!r}, want {guests!r}")
+
+    tls, health = secrets["PRESENCE_TLS_CERT"], container_port(c, "health")
+    if bool(tls) != bool(health):
+        problems.append(f"health port {health}, with TLS from {tls!r}")
+    servers = of_kind(docs, "Service", "server")
+    for s in servers:
+        if any(p.get("name") == "health" or p.get("targetPort") in ("health", health) for p in s["spec"]["ports"]):
+            problems.append(f"Service {s['metadata']['name']} exposes the health port")
+    certs = of_kind(docs, "Certificate")
+    problems += present(docs, "Certificate", sc.on("tls.certManager.enabled"))
+    for cert in certs:
+        spec = cert.get("spec") or {}
+        problems += [f"Certificate: no field {k} in cert-manager's" for k in sorted(set(spec) - CERTIFICATE_FIELDS)]
+        if spec.get("secretName") != tls:
+            problems.append(f"the Certificate writes Secret {spec.get('secretName')!r}, the pods read {tls!r}")
+        names = spec.get("dnsNames") or []
+        problems += [
+            f"the Certificate does not name Service {s['metadata']['name']}"
+            for s in servers
+            if f"{s['metadata']['name']}.{NAMESPACE}.svc" not in names
+        ]
+        issuer = spec.get("issuerRef") or {}
+        if not issuer.get("name") or issuer.get("kind") not in ("Issuer", "ClusterIssuer"):
+            problems.append(f"the Certificate's issuerRef {issuer} names no Issuer or ClusterIssuer")
+
+    tokens, read_token = secrets["PRESENCE_AUTH_TOKENS_FILE"], sc.values.get("tests.readTokenSecret")
+    tests = of_kind(docs, "Pod", "test")
+    if bool(tests) != bool(read_token or not tokens):
+        problems.append(f"{len(tests)} helm test pods, with tokens {tokens!r} and test token {read_token!r}")
+    for t in tests:
+        tc = t["spec"]["containers"][0]
+        args = tc.get("args", [])
+        if ("-plaintext" in args) == bool(tls) or f"{FULLNAME}:{GRPC_PORT}" not in args:
+            problems.append(f"the test pod calls {args}, with TLS from {tls!r}")
+        token = next((e for e in tc.get("env", []) if e["name"] == "PRESENCE_TEST_TOKEN"), {})
+        ref = (token.get("valueFrom") or {}).get("secretKeyRef") or {}
+        sends = "-expand-headers" in args and "authorization: Bearer ${PRESENCE_TEST_TOKEN}" in args
+        if tokens and (not sends or ref.get("name") != read_token):
+            problems.append(f"the test pod does not send the read token of Secret {read_token!r}")
     return problems
 
 
@@ -713,8 +924,9 @@ def check_readme(chart: Path, values: dict, schema: dict, alerts: list[str], rea
 # --- Self-tests: every check can fail ---------------------------------------
 
 
-def mutations() -> list[tuple[str, str, object]]:
-    """(what is broken, which check must notice, how to break a render)."""
+def mutations() -> dict[str, list[tuple[str, str, object]]]:
+    """For each base scenario: (what is broken, which check must notice, how
+    to break its render)."""
 
     def one(ds, kind, component=None):
         return of_kind(ds, kind, component)[0]
@@ -747,8 +959,30 @@ def mutations() -> list[tuple[str, str, object]]:
     def security_context(ds, component="server"):
         return pod(ds, component)["containers"][0]["securityContext"]
 
+    def mount(ds, name):
+        return next(m for m in cont(ds)["volumeMounts"] if m["name"] == name)
+
+    def volume(ds, name):
+        return next(v for v in pod(ds)["volumes"] if v["name"] == name)["secret"]
+
+    def ingress(ds, port, component="server"):
+        return next(r for r in one(ds, "NetworkPolicy", component)["spec"]["ingress"] if r["ports"][0]["port"] == port)
+
+    def policy_types(ds, types):
+        one(ds, "NetworkPolicy", "server")["spec"]["policyTypes"] = types
+
+    def probes_on_grpc(ds):
+        for name in ("startupProbe", "livenessProbe", "readinessProbe"):
+            probe(ds, name).update(port=GRPC_PORT)
+
+    def test_args(ds, edit):
+        c = one(ds, "Pod", "test")["spec"]["containers"][0]
+        c["args"] = edit(c["args"])
+
     probes, security, rollout, monitoring = "gRPC probes", "restricted security context", "rollout", "monitoring"
-    return [
+    policy, secured = "NetworkPolicy", "TLS, tokens and Secret files"
+    tokens = {"name": "PRESENCE_AUTH_TOKENS_FILE", "value": "/etc/presence/auth/tokens"}
+    plain = [
         ('readiness asks for service ""', probes, lambda ds: probe(ds, "readinessProbe").update(service="")),
         ("liveness asks for Presence", probes, lambda ds: probe(ds, "livenessProbe").update(service=READINESS_SERVICE)),
         ("readiness on the metrics port", probes, lambda ds: probe(ds, "readinessProbe").update(port=METRICS_PORT)),
@@ -770,7 +1004,35 @@ def mutations() -> list[tuple[str, str, object]]:
         ("an alert without severity", monitoring, lambda ds: not_serving(ds)["labels"].pop("severity")),
         ("a duration Prometheus cannot read", monitoring, lambda ds: not_serving(ds).update({"for": "2 minutes"})),
         ("ServiceMonitor without endpoint", monitoring, lambda ds: one(ds, "ServiceMonitor")["spec"].pop("endpoints")),
-    ]  # fmt: skip
+        ("NetworkPolicy missing", policy, lambda ds: ds.remove(one(ds, "NetworkPolicy", "server"))),
+        ("metrics open to every namespace", policy, lambda ds: ingress(ds, "metrics")["from"].append(
+            {"namespaceSelector": {}})),
+        ("ingress not restricted", policy, lambda ds: policy_types(ds, ["Egress"])),
+        ("trial Redis open to its namespace", policy, lambda ds: ingress(ds, "redis", "trial-redis")["from"][0].update(
+            podSelector={})),
+        ("a token file with tokens off", secured, lambda ds: cont(ds)["env"].append(tokens)),
+    ]
+    secure = [
+        ("probes left on the gRPC port with TLS", probes, probes_on_grpc),
+        ("the gRPC port open to every pod", policy, lambda ds: ingress(ds, "grpc").pop("from")),
+        ("the TLS Secret mounted with subPath", secured, lambda ds: mount(ds, "tls").update(subPath="tls.crt")),
+        ("the token file mounted with subPath", secured, lambda ds: mount(ds, "auth").update(subPath="tokens")),
+        ("the hash key readable by all", secured, lambda ds: volume(ds, "guest-key").update(defaultMode=0o444)),
+        ("the client CA from another Secret", secured, lambda ds: volume(ds, "client-ca").update(secretName="other")),
+        ("the Service exposes the health port", secured, lambda ds: one(ds, "Service")["spec"]["ports"].append(
+            {"name": "health", "port": 8081, "targetPort": "health"})),
+        ("a TLS port announced as h2c", "Services", lambda ds: one(ds, "Service")["spec"]["ports"][0].update(
+            appProtocol="kubernetes.io/h2c")),
+        ("the Certificate for another Secret", secured, lambda ds: one(ds, "Certificate")["spec"].update(
+            secretName="x")),
+        ("a misspelt Certificate field", secured, lambda ds: one(ds, "Certificate")["spec"].update(dnsName=["x"])),
+        ("the headless Service not in the Certificate", secured, lambda ds: one(ds, "Certificate")["spec"].update(
+            dnsNames=[n for n in one(ds, "Certificate")["spec"]["dnsNames"] if "headless" not in n])),
+        ("the test pod in plaintext", secured, lambda ds: test_args(ds, lambda a: ["-plaintext", *a[1:]])),
+        ("the test pod without its token", secured, lambda ds: test_args(
+            ds, lambda a: [x for x in a if "Bearer" not in x])),
+    ]
+    return {MUTATION_BASE: plain, SECURE_BASE: secure}  # fmt: skip
 
 
 # --- Main -------------------------------------------------------------------
@@ -797,6 +1059,8 @@ def main() -> int:
         "Redis URL source": check_store,
         "Services": check_service,
         "optional resources": check_optional,
+        "NetworkPolicy": check_network_policy,
+        "TLS, tokens and Secret files": check_security,
         "monitoring": lambda docs, sc: check_monitoring(docs, sc, chart),
     }
 
@@ -839,12 +1103,17 @@ def main() -> int:
     groups = [g for pr in of_kind(base, "PrometheusRule") for g in pr["spec"]["groups"]]
     alerts = [r["alert"] for g in groups for r in g["rules"] if "alert" in r]
     report.record("README: the values table, a runbook per alert", check_readme(chart, values, schema, alerts))
-    print(f"== self-tests: every check notices a broken copy of [{MUTATION_BASE}]")
-    sc = next(s for s in SCENARIOS if s.name == MUTATION_BASE)
-    for what, check_name, mutate in mutations() if base else []:
-        docs = copy.deepcopy(base)
-        mutate(docs)
-        report.record(f"'{check_name}' notices: {what}", [] if checks[check_name](docs, sc) else ["it passed"])
+    for base_name, broken in mutations().items():
+        print(f"== self-tests: every check notices a broken copy of [{base_name}]")
+        sc = next(s for s in SCENARIOS if s.name == base_name)
+        for what, check_name, mutate in broken if base_name in renders else []:
+            docs = copy.deepcopy(renders[base_name])
+            try:
+                mutate(docs)
+            except (KeyError, IndexError, StopIteration) as e:  # the render no longer has what it breaks
+                report.record(f"'{check_name}' notices: {what}", [f"cannot break the render: {e!r}"])
+                continue
+            report.record(f"'{check_name}' notices: {what}", [] if checks[check_name](docs, sc) else ["it passed"])
     readme = (chart / "README.md").read_text()
     for what, text in (
         ("a runbook missing", readme.replace("#### PresenceNoRotation", "#### Rotation")),
