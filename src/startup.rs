@@ -18,6 +18,7 @@ use crate::proto::{self, v1::presence_server::PresenceServer};
 use crate::service::PresenceService;
 use crate::settings::Settings;
 use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, Store, memory::MemoryStoreConfig};
+use crate::traces::GrpcTraceLayer;
 use crate::watch::WatchHub;
 use crate::{health, keeper};
 
@@ -171,6 +172,8 @@ impl Application {
             .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
             // GOAWAY at the age; the grace is enforced by `Aged`.
             .max_connection_age(settings.max_connection_age)
+            // Outermost, so a call's span sees the status its client gets.
+            .layer(GrpcTraceLayer::new())
             .layer(RequestSizeLayer::new(MAX_REQUEST_BYTES))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
