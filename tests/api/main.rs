@@ -22,4 +22,5 @@ mod robustness;
 mod rooms;
 mod sentinel;
 mod shutdown;
+mod traces;
 mod watch;
