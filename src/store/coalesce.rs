@@ -197,13 +197,13 @@ fn send(sender: Arc<dyn SendBatch>, batch: Vec<Waiting>, slot: OwnedSemaphorePer
     tokio::spawn(async move {
         let mut reports = Vec::with_capacity(batch.len());
         let mut callers = Vec::with_capacity(batch.len());
-        let mut traced = Vec::with_capacity(batch.len());
+        let mut traced = traces::Callers::default();
         for waiting in batch {
             reports.push((waiting.scope, waiting.visitors));
             callers.push(waiting.done);
             traced.push(waiting.caller);
         }
-        let sent = traces::report_batch(traced, reports.len(), sender.send(&reports));
+        let sent = traces::report_batch(traced, sender.send(&reports));
         let outcome = sent.await.map(Arc::new).map_err(Arc::new);
         drop(slot);
         for caller in callers {

@@ -169,16 +169,27 @@ impl Caller {
     }
 }
 
-/// Runs a coalesced batch of `reports` reports for these callers. Its Redis
-/// round trips are children of the first traced caller's span, with a link
-/// to each other traced caller's (so each caller's trace has a Redis span
-/// only if its report led the batch; the others find it by the link).
-pub(crate) fn report_batch<F: Future>(
-    callers: Vec<Caller>,
+/// The callers of one coalesced batch, as the report queue collects them.
+/// With traces off it only counts: no allocation.
+#[derive(Default)]
+pub(crate) struct Callers {
     reports: usize,
-    future: F,
-) -> Either<F, TaskLocalFuture<Call, F>> {
-    let mut traced = callers.into_iter().filter_map(|caller| caller.0);
+    traced: Vec<Call>,
+}
+
+impl Callers {
+    pub fn push(&mut self, caller: Caller) {
+        self.reports += 1;
+        self.traced.extend(caller.0);
+    }
+}
+
+/// Runs a coalesced batch for these callers. Its Redis round trips are
+/// children of the first traced caller's span, with a link to each other
+/// traced caller's (so each caller's trace has a Redis span only if its
+/// report led the batch; the others find it by the link).
+pub(crate) fn report_batch<F: Future>(callers: Callers, future: F) -> Either<F, TaskLocalFuture<Call, F>> {
+    let mut traced = callers.traced.into_iter();
     let Some(first) = traced.next() else {
         return Either::Left(future);
     };
@@ -186,7 +197,10 @@ pub(crate) fn report_batch<F: Future>(
         .map(|other| other.span.context().span().span_context().clone())
         .collect();
     let call = Call {
-        batch: Some(Arc::new(Batch { reports, others })),
+        batch: Some(Arc::new(Batch {
+            reports: callers.reports,
+            others,
+        })),
         ..first
     };
     Either::Right(logs::within(call, future))
@@ -235,7 +249,10 @@ mod tests {
         let untouched = redis_round_trip(|| "page", async { 7 });
         assert!(matches!(untouched, Either::Left(_)));
         assert_eq!(untouched.await, 7);
-        assert!(matches!(report_batch(vec![Caller(None)], 1, async {}), Either::Left(_)));
+        let mut callers = Callers::default();
+        callers.push(Caller(None));
+        assert!(callers.traced.capacity() == 0, "nothing allocated");
+        assert!(matches!(report_batch(callers, async {}), Either::Left(_)));
     }
 
     #[test]
