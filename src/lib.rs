@@ -30,7 +30,9 @@
 //! - `health`: follows the store, flips the gRPC health status, and keeps
 //!   the gauges; `keeper`: ages rooms and prunes last seen, in small steps.
 //! - `metrics`: Prometheus counters and histograms, served over HTTP.
-//! - [`settings`] and [`telemetry`]: configuration and logs.
+//! - [`settings`] and [`telemetry`]: configuration, logs and traces;
+//!   [`traces`]: OpenTelemetry spans for each call and its Redis round
+//!   trips, off unless the standard `OTEL_*` variables ask for them.
 //! - Securing it: `tls` (the gRPC port's TLS, certificates rotating under
 //!   a running server), `auth` (bearer tokens with the roles `report` and
 //!   `read`, one tower layer), `guests` (what is stored of a guest's
@@ -57,6 +59,7 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 mod tls;
+pub mod traces;
 mod watch;
 
 pub use settings::Settings;

@@ -1,5 +1,6 @@
-//! The `presence` binary: read the settings, start the logs, serve until
-//! SIGTERM or SIGINT. Everything else is in the library.
+//! The `presence` binary: read the settings, start the logs (and traces,
+//! if asked for), serve until SIGTERM or SIGINT. Everything else is in the
+//! library.
 
 use std::process::ExitCode;
 
@@ -9,20 +10,28 @@ use presence::{Application, Settings, shutdown, telemetry};
 async fn main() -> ExitCode {
     // A bad flag or variable ends here, with clap's message and exit code 2.
     let settings = Settings::from_env_and_args();
-    telemetry::init(settings.log_format);
-
-    let application = match Application::build(settings).await {
-        Ok(application) => application,
+    // So does an OTEL_* variable Presence cannot honour.
+    let telemetry = match telemetry::init(settings.log_format) {
+        Ok(telemetry) => telemetry,
         Err(error) => {
-            tracing::error!(%error, "cannot start");
-            return ExitCode::FAILURE;
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
         }
     };
-    match application.run_until_stopped(shutdown::signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
+
+    let outcome = match Application::build(settings).await {
+        Ok(application) => match application.run_until_stopped(shutdown::signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!(%error, "stopped on an error");
+                ExitCode::FAILURE
+            }
+        },
         Err(error) => {
-            tracing::error!(%error, "stopped on an error");
+            tracing::error!(%error, "cannot start");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    outcome
 }

@@ -21,6 +21,7 @@ use crate::service::PresenceService;
 use crate::settings::{SettingError, Settings};
 use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, Store, memory::MemoryStoreConfig};
 use crate::tls::{self, ServerTls};
+use crate::traces::GrpcTraceLayer;
 use crate::watch::WatchHub;
 use crate::{health, keeper, reload};
 
@@ -209,6 +210,9 @@ impl Application {
             .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
             // GOAWAY at the age; the grace is enforced by `Aged`.
             .max_connection_age(settings.max_connection_age)
+            // Outermost, so a call's span sees the status its client gets
+            // (a refused token included).
+            .layer(GrpcTraceLayer::new())
             .layer(AuthLayer::new(security.tokens.clone(), metrics.clone()))
             .layer(RequestSizeLayer::new(MAX_REQUEST_BYTES))
             .add_service(health_service.clone())

@@ -16,8 +16,13 @@
             print(event)
 
 Every call takes `room` ("" = the whole site) and keeps a deadline (`timeout`,
-2 s unless told). Failures are grpc.RpcError: `e.code()` is INVALID_ARGUMENT for
-a bad name, address, room or page token (`e.details()` names the field),
+2 s unless told). Every call carries the caller's W3C trace context
+(`traceparent`, `tracestate`), so a trace continues through Presence: the
+current OpenTelemetry span's, if the `opentelemetry-api` package is installed,
+or one given explicitly with `with trace_context("00-…-…-01"):`.
+
+Failures are grpc.RpcError: `e.code()` is INVALID_ARGUMENT for a bad name,
+address, room or page token (`e.details()` names the field),
 UNAVAILABLE when Presence or its Redis is down or overloaded (reports are
 idempotent: retrying is safe), DEADLINE_EXCEEDED past the deadline,
 UNAUTHENTICATED or PERMISSION_DENIED without the right token.
@@ -36,6 +41,9 @@ The stubs are generated from the proto first: `python generate.py`.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import contextvars
 import dataclasses
 import datetime
 import json
@@ -53,6 +61,11 @@ try:
     from presence.v1 import presence_pb2, presence_pb2_grpc
 except ImportError as error:  # the stubs are build output, not committed
     raise ImportError("no generated stubs: run `python generate.py` in examples/python") from error
+
+try:  # optional: only to pass the current OpenTelemetry trace on
+    from opentelemetry import propagate as otel_propagate
+except ImportError:
+    otel_propagate = None
 
 log = logging.getLogger("presence")
 
@@ -187,7 +200,8 @@ class PresenceClient:
                 target, ca_file=ca_file, client_cert_file=client_cert_file, client_key_file=client_key_file
             )
         self._channel = channel
-        self._stub = presence_pb2_grpc.PresenceStub(self._channel)
+        traced = grpc.intercept_channel(self._channel, _TraceContext())
+        self._stub = presence_pb2_grpc.PresenceStub(traced)
         # Sent with every call when the server wants tokens.
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         # Every call gets a deadline: without one a call to a hung server waits forever.
@@ -431,6 +445,70 @@ def _event(message) -> Snapshot | Changes:
         c.user_count,
         c.guest_count,
     )
+
+
+# --- Trace context ---------------------------------------------------------------
+
+TRACE_HEADERS = ("traceparent", "tracestate")
+_explicit_trace: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar(
+    "presence_trace", default=None
+)
+
+
+@contextlib.contextmanager
+def trace_context(traceparent: str, tracestate: str = ""):
+    """Calls made within carry this W3C trace context (instead of the current
+    OpenTelemetry span's), for callers that trace without OpenTelemetry."""
+    headers = [("traceparent", traceparent)] + ([("tracestate", tracestate)] if tracestate else [])
+    token = _explicit_trace.set(headers)
+    try:
+        yield
+    finally:
+        _explicit_trace.reset(token)
+
+
+def trace_metadata() -> list[tuple[str, str]]:
+    """The trace context a call made now carries: `trace_context`'s, else the
+    current OpenTelemetry span's (none without one, or without the package).
+    Only traceparent and tracestate: never baggage, which may hold anything."""
+    explicit = _explicit_trace.get()
+    if explicit is not None:
+        return explicit
+    if otel_propagate is None:
+        return []
+    carrier: dict[str, str] = {}
+    otel_propagate.inject(carrier)
+    return [(key, value) for key, value in carrier.items() if key in TRACE_HEADERS]
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _TraceContext(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the trace context to every call, as it is made (in the caller's thread)."""
+
+    def _traced(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        trace = trace_metadata()
+        if not trace:
+            return details
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), *trace],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._traced(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._traced(details), request)
 
 
 # --- Command line ----------------------------------------------------------------

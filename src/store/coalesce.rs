@@ -31,6 +31,7 @@ use tokio::{
 use super::StoreError;
 use super::repeat_filter::Written;
 use crate::domain::{Scope, Visitors};
+use crate::traces;
 
 /// The most names one coalesced call carries. Bounded so that one script
 /// call stays short on the Redis side (it runs atomically) and within Lua's
@@ -64,6 +65,8 @@ struct Waiting {
     /// Set once the report is in a call to the store.
     sent: Arc<AtomicBool>,
     done: oneshot::Sender<Result<Arc<Written>, Arc<StoreError>>>,
+    /// Its caller's traced call, if traces are on.
+    caller: traces::Caller,
 }
 
 impl Waiting {
@@ -120,6 +123,7 @@ impl ReportQueue {
             deadline,
             sent: sent.clone(),
             done,
+            caller: traces::Caller::current(),
         };
         if self.queue.send(waiting).is_err() {
             self.queued.fetch_sub(names, Ordering::AcqRel);
@@ -193,11 +197,14 @@ fn send(sender: Arc<dyn SendBatch>, batch: Vec<Waiting>, slot: OwnedSemaphorePer
     tokio::spawn(async move {
         let mut reports = Vec::with_capacity(batch.len());
         let mut callers = Vec::with_capacity(batch.len());
+        let mut traced = traces::Callers::default();
         for waiting in batch {
             reports.push((waiting.scope, waiting.visitors));
             callers.push(waiting.done);
+            traced.push(waiting.caller);
         }
-        let outcome = sender.send(&reports).await.map(Arc::new).map_err(Arc::new);
+        let sent = traces::report_batch(traced, sender.send(&reports));
+        let outcome = sent.await.map(Arc::new).map_err(Arc::new);
         drop(slot);
         for caller in callers {
             let _ = caller.send(outcome.clone());

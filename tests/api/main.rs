@@ -24,4 +24,5 @@ mod rooms;
 mod security;
 mod sentinel;
 mod shutdown;
+mod traces;
 mod watch;

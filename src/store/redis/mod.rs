@@ -45,6 +45,7 @@ use crate::domain::{
     Counts, Kind, KindPage, Room, RoomCount, RoomOrder, RoomsPage, RoomsPageToken, Scope, Visitors, page_of,
 };
 use crate::keyspace::{self, KeyPrefix, Keyspace};
+use crate::traces;
 
 /// Rooms looked at per step of the sweep: each is one small script, and a
 /// step is a few milliseconds of Redis work in all, between which Redis
@@ -165,6 +166,16 @@ impl Redis {
     /// connection that failed or hung is marked broken, so the next call
     /// gets a fresh one.
     async fn bounded<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(RedisConnection) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        // A span per round trip, within a traced call (see `traces`).
+        let name = || traces::operation_of(std::any::type_name::<F>());
+        traces::redis_round_trip(name, self.bounded_untraced(operation)).await
+    }
+
+    async fn bounded_untraced<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
     where
         F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
