@@ -8,9 +8,11 @@
 //! tens of names, and a lone report still goes out at once.
 //!
 //! Overload must not feed itself, so:
-//! - the queue is bounded by names (and so by memory): when it is full, a
-//!   report is refused at once ([`StoreError::Overloaded`]), never queued
-//!   for longer than the caller would wait;
+//! - the queue is bounded by names, by what Redis can drain within half the
+//!   Redis timeout at the pace it has recently kept (see [`Pace`]), and by
+//!   memory: when it is full, a report is refused at once
+//!   ([`StoreError::Overloaded`]), never queued for longer than the caller
+//!   would wait;
 //! - work whose caller has gone (deadline passed, call cancelled) is dropped
 //!   before it reaches Redis;
 //! - a report that timed out waiting is [`StoreError::Expired`], which is
@@ -18,7 +20,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicBool, AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
 };
 use std::time::Duration;
 
@@ -38,10 +40,18 @@ use crate::traces;
 /// limit on `unpack`.
 pub const MAX_NAMES_PER_CALL: usize = 1000;
 
-/// The most names waiting at once. At Redis's pace (hundreds of thousands
-/// of names a second in batches) this is tens of milliseconds of work; a
-/// queue longer than that only adds latency, and memory.
-pub const MAX_QUEUED_NAMES: usize = 20_000;
+/// The queue always takes this many names (20 full `ReportBatch` calls),
+/// whatever the pace: tens of milliseconds of Redis work, and what it holds
+/// before it has seen any call end.
+pub const QUEUE_FLOOR_NAMES: usize = 20_000;
+
+/// The queue never holds more names than this, however fast Redis drains
+/// it: a bound on memory (about 20 MB of names).
+pub const QUEUE_CEILING_NAMES: usize = 262_144;
+
+/// The pace is trusted only while calls keep ending: a Redis that stopped
+/// answering drains nothing, whatever it did before.
+const PACE_FRESH_FOR: Duration = Duration::from_secs(1);
 
 /// Sends one coalesced batch to the store.
 #[async_trait]
@@ -52,6 +62,7 @@ pub trait SendBatch: Send + Sync + 'static {
 pub struct ReportQueue {
     queue: mpsc::UnboundedSender<Waiting>,
     queued: Arc<AtomicUsize>,
+    pace: Arc<Pace>,
     /// How long one call to the store may take: a caller whose report
     /// was sent and is still waiting past its deadline is waiting on the
     /// store, not on the queue.
@@ -87,13 +98,31 @@ impl ReportQueue {
     pub fn new(sender: Arc<dyn SendBatch>, in_flight: usize, timeout: Duration) -> Self {
         let (queue, waiting) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
+        let pace = Arc::new(Pace::new(in_flight.max(1)));
         tokio::spawn(dispatch(
             sender,
             waiting,
             Arc::new(Semaphore::new(in_flight.max(1))),
             queued.clone(),
+            pace.clone(),
         ));
-        Self { queue, queued, timeout }
+        Self {
+            queue,
+            queued,
+            pace,
+            timeout,
+        }
+    }
+
+    /// How many names may wait now: what Redis drains in half the timeout
+    /// at its recent pace (the other half is for the call itself), between
+    /// the floor and the ceiling.
+    pub fn capacity(&self) -> usize {
+        let drained = self
+            .pace
+            .names_per_sec()
+            .map_or(0.0, |rate| rate * self.timeout.as_secs_f64() / 2.0);
+        (drained as usize).clamp(QUEUE_FLOOR_NAMES, QUEUE_CEILING_NAMES)
     }
 
     /// Names waiting now, for the gauge.
@@ -111,7 +140,7 @@ impl ReportQueue {
     ) -> Result<Arc<Written>, StoreError> {
         let names = visitors.len();
         let before = self.queued.fetch_add(names, Ordering::AcqRel);
-        if before + names > MAX_QUEUED_NAMES && before > 0 {
+        if before + names > self.capacity() && before > 0 {
             self.queued.fetch_sub(names, Ordering::AcqRel);
             return Err(StoreError::Overloaded);
         }
@@ -148,6 +177,7 @@ async fn dispatch(
     mut waiting: mpsc::UnboundedReceiver<Waiting>,
     slots: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
+    pace: Arc<Pace>,
 ) {
     let mut carried = None;
     loop {
@@ -189,12 +219,13 @@ async fn dispatch(
         if batch.is_empty() {
             continue;
         }
-        send(sender.clone(), batch, slot);
+        send(sender.clone(), batch, names, slot, pace.clone());
     }
 }
 
-fn send(sender: Arc<dyn SendBatch>, batch: Vec<Waiting>, slot: OwnedSemaphorePermit) {
+fn send(sender: Arc<dyn SendBatch>, batch: Vec<Waiting>, names: usize, slot: OwnedSemaphorePermit, pace: Arc<Pace>) {
     tokio::spawn(async move {
+        let began = Instant::now();
         let mut reports = Vec::with_capacity(batch.len());
         let mut callers = Vec::with_capacity(batch.len());
         let mut traced = traces::Callers::default();
@@ -205,11 +236,60 @@ fn send(sender: Arc<dyn SendBatch>, batch: Vec<Waiting>, slot: OwnedSemaphorePer
         }
         let sent = traces::report_batch(traced, sender.send(&reports));
         let outcome = sent.await.map(Arc::new).map_err(Arc::new);
+        if outcome.is_ok() {
+            pace.ended(names, began.elapsed());
+        }
         drop(slot);
         for caller in callers {
             let _ = caller.send(outcome.clone());
         }
     });
+}
+
+/// How fast the store has been draining the queue lately: an average of
+/// the names per second of the calls that ended, times the calls that may
+/// be in flight at once. It matters only when the queue is long, and then
+/// every slot is busy with full calls, so the product is Redis's pace.
+struct Pace {
+    in_flight: usize,
+    /// Names per second, as `f64` bits; 0 until a call has ended.
+    rate: AtomicU64,
+    /// When a call last ended, in ms since `epoch`.
+    last_ended_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Pace {
+    fn new(in_flight: usize) -> Self {
+        Self {
+            in_flight,
+            rate: AtomicU64::new(0),
+            last_ended_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// A call that carried `names` ended after `took`. Races between
+    /// concurrent ends lose a sample, which an average can spare.
+    fn ended(&self, names: usize, took: Duration) {
+        let sample = names as f64 / took.as_secs_f64().max(1e-6) * self.in_flight as f64;
+        let old = f64::from_bits(self.rate.load(Ordering::Relaxed));
+        let new = if old == 0.0 {
+            sample
+        } else {
+            old * 0.875 + sample * 0.125
+        };
+        self.rate.store(new.to_bits(), Ordering::Relaxed);
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ended_ms.store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// The recent pace, if a call ended within [`PACE_FRESH_FOR`].
+    fn names_per_sec(&self) -> Option<f64> {
+        let last = self.last_ended_ms.load(Ordering::Relaxed);
+        let since = self.epoch.elapsed().saturating_sub(Duration::from_millis(last));
+        (last > 0 && since <= PACE_FRESH_FOR).then(|| f64::from_bits(self.rate.load(Ordering::Relaxed)))
+    }
 }
 
 #[cfg(test)]
@@ -292,13 +372,13 @@ mod tests {
             async move { queue.report(Scope::Site, many(1000), deadline).await }
         })];
         eventually(|| sender.started.load(Ordering::SeqCst) == 1).await;
-        for _ in 0..(MAX_QUEUED_NAMES / 1000 + 3) {
+        for _ in 0..(QUEUE_FLOOR_NAMES / 1000 + 3) {
             let queue = queue.clone();
             waiting.push(tokio::spawn(async move {
                 queue.report(Scope::Site, many(1000), deadline).await
             }));
         }
-        eventually(|| queue.depth() == MAX_QUEUED_NAMES).await;
+        eventually(|| queue.depth() == QUEUE_FLOOR_NAMES).await;
         let refused = queue.report(Scope::Site, one(0), deadline).await;
         assert!(matches!(refused, Err(StoreError::Overloaded)), "{refused:?}");
         for task in waiting {
@@ -325,6 +405,32 @@ mod tests {
         // A later report goes out alone: the expired one was dropped.
         queue.report(Scope::Site, one(3), far).await.expect("sent");
         assert_eq!(*sender.calls.lock().expect("not poisoned"), [1, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_holds_what_redis_drains_in_half_the_timeout_while_it_keeps_draining() {
+        // Calls of 1000 names that take 10 ms: 100k names a second.
+        let sender = recorder(Duration::from_millis(10));
+        let queue = ReportQueue::new(sender.clone(), 1, Duration::from_secs(2));
+        assert_eq!(queue.capacity(), QUEUE_FLOOR_NAMES, "no pace seen yet");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for _ in 0..5 {
+            queue.report(Scope::Site, many(1000), deadline).await.expect("sent");
+        }
+        // 100k names/s for half of 2 s.
+        assert_eq!(queue.capacity(), 100_000);
+        // A Redis that stops answering drains nothing: back to the floor.
+        tokio::time::advance(PACE_FRESH_FOR + Duration::from_millis(1)).await;
+        assert_eq!(queue.capacity(), QUEUE_FLOOR_NAMES);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_never_holds_more_than_its_ceiling() {
+        let sender = recorder(Duration::from_micros(10));
+        let queue = ReportQueue::new(sender.clone(), 4, Duration::from_secs(60));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        queue.report(Scope::Site, many(1000), deadline).await.expect("sent");
+        assert_eq!(queue.capacity(), QUEUE_CEILING_NAMES);
     }
 
     pub(super) async fn eventually(condition: impl Fn() -> bool) {
