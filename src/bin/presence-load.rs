@@ -970,7 +970,11 @@ async fn run_walker(mut worker: Worker, schedule: &Schedule) -> Tally {
         let seconds = started.elapsed().as_secs_f64();
         if complete {
             // Counted after the clock stopped, so checking costs the walk nothing.
-            tally.duplicates += duplicates(&users) + duplicates(&guests);
+            let repeated = duplicates(&users) + duplicates(&guests);
+            tally.duplicates += repeated;
+            if repeated > 0 {
+                *tally.errors.entry("DUPLICATE_NAME").or_default() += repeated;
+            }
             tally.walk_seconds.push(seconds);
             tally.walk_names.push((users.len() + guests.len()) as u64);
             tally.walk_pages.push(pages);
