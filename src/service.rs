@@ -7,7 +7,15 @@
 //! ends the call with `DEADLINE_EXCEEDED` by that deadline, and store
 //! failures are logged once per outage.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use futures_util::Stream;
 use prost_types::Timestamp;
@@ -60,6 +68,9 @@ pub struct PresenceService {
     pages: SharedReads<PageKey, KindPage>,
     /// The same for pages of rooms.
     room_pages: SharedReads<RoomsKey, RoomsPage>,
+    /// Unary calls being worked on now, and the most allowed.
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: usize,
 }
 
 /// One page of one kind: the scope, the kind, where it starts, its size
@@ -86,6 +97,20 @@ impl PresenceService {
             guests: GuestPrivacy::Plain,
             pages: SharedReads::new(),
             room_pages: SharedReads::new(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_in_flight: usize::MAX,
+        }
+    }
+
+    /// Refuses calls at once past this many in flight
+    /// (`PRESENCE_MAX_IN_FLIGHT`). When the calls arrive faster than the
+    /// replica can answer them, queueing them all would make every call
+    /// slow; refusing the excess keeps the accepted ones fast, and tells
+    /// clients to back off or go to another replica.
+    pub fn with_max_in_flight(self, max: usize) -> Self {
+        Self {
+            max_in_flight: max.max(1),
+            ..self
         }
     }
 
@@ -114,8 +139,10 @@ impl PresenceService {
         call: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<Response<T>, Status> {
         let mut observed = Observed::start(&self.metrics, CallType::Unary, method);
-        let result = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
+        let admitted = InFlight::enter(&self.in_flight, self.max_in_flight);
+        let result = match (&admitted, deadline) {
+            (None, _) => Err(ApiError::Overloaded),
+            (Some(_), Some(deadline)) => match tokio::time::timeout_at(deadline, call).await {
                 // The store may give up at the same instant, its own way:
                 // past the client's deadline, the deadline is the answer.
                 Ok(Err(ApiError::Unavailable(_) | ApiError::Overloaded)) if Instant::now() >= deadline => {
@@ -124,8 +151,9 @@ impl PresenceService {
                 Ok(result) => result,
                 Err(_) => Err(ApiError::DeadlineExceeded),
             },
-            None => call.await,
+            (Some(_), None) => call.await,
         };
+        drop(admitted);
         match &result {
             Err(ApiError::Unavailable(error)) => {
                 self.metrics.redis_error(method);
@@ -206,6 +234,25 @@ impl PresenceService {
                 move || async move { store.rooms(order, after.as_ref(), size).await },
             )
             .await
+    }
+}
+
+/// One admitted call: counted in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        if count.fetch_add(1, Ordering::AcqRel) >= max {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(count.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -80,6 +80,13 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_WATCH_INTERVAL", default_value = "1s", value_parser = parse_watch_interval)]
     pub watch_interval: Duration,
 
+    /// The most Presence calls this replica works on at once; past it, a
+    /// call is refused at once with UNAVAILABLE ("overloaded") rather than
+    /// queued behind the others, so the calls it takes stay fast.
+    #[arg(long, env = "PRESENCE_MAX_IN_FLIGHT", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_in_flight: u32,
+
     /// The most calls in flight on one HTTP/2 connection.
     #[arg(long, env = "PRESENCE_MAX_CONCURRENT_STREAMS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
@@ -175,6 +182,7 @@ impl Settings {
             last_seen_retention: Duration::from_secs(7 * 24 * 3600),
             list_cache: Duration::ZERO,
             watch_interval: Duration::from_secs(1),
+            max_in_flight: 512,
             max_concurrent_streams: 256,
             max_connection_age: Duration::from_secs(600),
             max_connection_age_grace: Duration::from_secs(30),

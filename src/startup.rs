@@ -198,7 +198,8 @@ impl Application {
         let presence = PresenceServer::new(
             PresenceService::new(store.clone(), metrics.clone(), watches, outage, settings.redis_timeout)
                 .with_guests(security.guests.clone())
-                .with_list_cache(settings.list_cache),
+                .with_list_cache(settings.list_cache)
+                .with_max_in_flight(settings.max_in_flight as usize),
         )
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         let drain = CancellationToken::new();

@@ -104,6 +104,7 @@ fn help_documents_every_setting_with_its_variable() {
         "PRESENCE_SHUTDOWN_GRACE",
         "PRESENCE_LOG_FORMAT",
         "PRESENCE_LIST_CACHE",
+        "PRESENCE_MAX_IN_FLIGHT",
     ] {
         assert!(help.contains(variable), "{variable} missing from --help:\n{help}");
     }

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use presence::proto::v1::{ReportBatchRequest, ReportUserRequest};
+use presence::proto::v1::{ListOnlineRequest, ReportBatchRequest, ReportUserRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -233,6 +233,58 @@ async fn overload_is_refused_at_once_and_abandoned_work_never_reaches_redis() {
         app.health_of(READY).await.expect("health answers"),
         ServingStatus::Serving
     );
+}
+
+/// Past `PRESENCE_MAX_IN_FLIGHT` calls being worked on, a call is refused
+/// at once as overloaded instead of queueing behind the others; once the
+/// calls in flight end, calls are taken again.
+#[tokio::test]
+async fn past_the_most_calls_in_flight_a_call_is_refused_at_once_as_overloaded() {
+    let redis = RedisServer::start();
+    let app = start(
+        &redis,
+        &[("PRESENCE_REDIS_TIMEOUT", "5s"), ("PRESENCE_MAX_IN_FLIGHT", "1")],
+    )
+    .await;
+    redis.pause();
+    // The one call allowed in flight, stuck on the frozen Redis…
+    let holder = {
+        let mut client = app.client.clone();
+        tokio::spawn(async move { client.report_user(report("holder")).await })
+    };
+    let started =
+        r#"grpc_server_started_total{grpc_type="unary",grpc_service="presence.v1.Presence",grpc_method="ReportUser"}"#;
+    eventually("the holder to be in flight", Duration::from_secs(3), || async {
+        (app.metric(started).await >= 1.0).then_some(())
+    })
+    .await;
+    // …so the next one is refused as overloaded, not left to wait on Redis.
+    let status = app
+        .client
+        .clone()
+        .list_online(ListOnlineRequest::default())
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("overloaded"), "{}", status.message());
+    assert!(
+        !holder.is_finished(),
+        "the refusal came only after the holder ended: it waited instead of being refused"
+    );
+    assert_eq!(
+        app.metric(r#"presence_shed_total{grpc_method="ListOnline"}"#).await,
+        1.0
+    );
+    redis.resume();
+    holder
+        .await
+        .expect("ends")
+        .expect("the holder goes through once Redis answers");
+    app.client
+        .clone()
+        .list_online(ListOnlineRequest::default())
+        .await
+        .expect("taken again once the slot is free");
 }
 
 #[tokio::test]
