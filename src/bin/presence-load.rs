@@ -55,6 +55,13 @@
 //! p99 of the calls that succeeded, `error_p99_ms` that of the failed ones
 //! (how fast a refusal comes back).
 //!
+//! `--retries N` (closed loop): a call refused with UNAVAILABLE is made again
+//! after a short jittered backoff, up to N times, as a client that must not
+//! lose its reports does; `retried` counts the refused attempts and
+//! `retried_p50_ms`/`retried_p99_ms`/`retried_max_ms` say how fast the
+//! refusals came (a service that pushes back at once answers in well under
+//! its Redis timeout).
+//!
 //! It sends traffic only to `--target` and stops by itself: every run is
 //! bounded by its duration or request count, and every call by
 //! `--call-timeout`.
@@ -89,6 +96,11 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+/// --retries: the first pause before a refused call is made again, and the
+/// longest, as the pause doubles.
+const RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(5);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(200);
 
 /// `ReportBatch` takes at most this many entries; `populate` sends full ones.
 const MAX_BATCH: u32 = 1000;
@@ -190,6 +202,15 @@ struct Args {
     /// The longest any one call may take before it counts as an error.
     #[arg(long, default_value = "5s")]
     call_timeout: humantime::Duration,
+
+    /// Closed loop: a call refused with UNAVAILABLE (the service pushing
+    /// back) is made again, the same request, up to this many more times,
+    /// after a backoff of 5 ms doubling to 200 ms (jittered), as a client
+    /// that must not lose its reports does. The refused attempts are counted
+    /// in `retried`, with their latencies, not in `errors`; a call refused
+    /// every time is an error. A call's latency is its last attempt's.
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
 
     /// Also tell the server --call-timeout as each Presence call's deadline
     /// (`grpc-timeout`), as real clients do, so it can drop work whose
@@ -376,6 +397,12 @@ fn check_args(args: &Args) -> Result<(), String> {
         if matches!(args.workload, Workload::Walk | Workload::Populate) {
             return Err(format!("--rate does not apply to {}", args.workload.name()));
         }
+        if args.retries > 0 {
+            return Err("--retries is for the closed loop, not with --rate".to_owned());
+        }
+    }
+    if args.retries > 0 && args.workload == Workload::Walk {
+        return Err("--retries does not apply to walk".to_owned());
     }
     if args.rooms.is_some() && args.workload == Workload::Populate && !args.room.is_empty() {
         return Err("populate takes --rooms or --room, not both".to_owned());
@@ -451,6 +478,8 @@ struct Plan {
     batch_size: u32,
     limit: u32,
     people: u64,
+    /// --retries: how many times a call refused with UNAVAILABLE is made again.
+    retries: u32,
     room: String,
     /// report-room and populate: how many rooms the calls are spread over.
     rooms: Option<u64>,
@@ -484,6 +513,7 @@ impl Plan {
             batch_size: args.workload.batch_size(args),
             limit: args.limit,
             people: args.people,
+            retries: args.retries,
             room: args.room.clone(),
             rooms: match args.workload {
                 Workload::ReportRoom => Some(args.rooms.unwrap_or(1000)),
@@ -576,6 +606,9 @@ impl Schedule {
 struct Tally {
     /// Timed calls, failed ones included.
     requests: u64,
+    /// --retries: latency of each timed attempt refused with UNAVAILABLE
+    /// and then made again, in microseconds: how fast a push-back comes.
+    retried_us: Vec<u32>,
     /// Names reported by the timed calls that succeeded.
     names: u64,
     /// Latency of each timed call that succeeded, in microseconds.
@@ -621,6 +654,7 @@ impl Tally {
         self.walk_names.extend(other.walk_names);
         self.walk_pages.extend(other.walk_pages);
         self.duplicates += other.duplicates;
+        self.retried_us.extend(other.retried_us);
     }
 
     /// Counts one timed call that started at `started` and ended at `done`.
@@ -837,13 +871,31 @@ async fn run_worker(mut worker: Worker, schedule: Arc<Schedule>) -> Tally {
             return tally;
         }
         let seq = schedule.sequence.fetch_add(1, Ordering::Relaxed);
-        let outcome = worker.call(seq).await;
+        let mut retries_left = worker.plan.retries;
+        let mut backoff = RETRY_BACKOFF_FIRST;
+        let (outcome, tried) = loop {
+            let tried = Instant::now();
+            let outcome = worker.call(seq).await;
+            if retries_left == 0 || outcome.as_ref().err() != Some(&"UNAVAILABLE") {
+                break (outcome, tried);
+            }
+            retries_left -= 1;
+            if timed {
+                let micros = u32::try_from(tried.elapsed().as_micros()).unwrap_or(u32::MAX);
+                tally.retried_us.push(micros);
+            }
+            // Jittered, so refused callers do not come back in step.
+            tokio::time::sleep(backoff.mul_f64(0.5 + 0.5 * worker.rng.next_f64())).await;
+            backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+        };
         let done = Instant::now();
         if let Err(code) = outcome {
             *tally.errors.entry(code).or_default() += 1;
         }
         if timed {
-            tally.record(&outcome, started, done);
+            // The last attempt's own latency: what the service took to
+            // answer, without the refusals and pauses before it.
+            tally.record(&outcome, tried, done);
         }
     }
 }
@@ -1043,6 +1095,18 @@ fn summary(args: &Args, total: &mut Tally, seconds: f64) -> String {
         ("error_p99_ms", &total.error_latencies_us),
     ] {
         let _ = write!(line, ",\"{key}\":{}", ms(percentile(samples, 0.99)));
+    }
+    if args.retries > 0 {
+        total.retried_us.sort_unstable();
+        let _ = write!(
+            line,
+            ",\"retries\":{},\"retried\":{},\"retried_p50_ms\":{},\"retried_p99_ms\":{},\"retried_max_ms\":{}",
+            args.retries,
+            total.retried_us.len(),
+            ms(percentile(&total.retried_us, 0.5)),
+            ms(percentile(&total.retried_us, 0.99)),
+            ms(total.retried_us.last().copied()),
+        );
     }
     if args.deadline {
         let _ = write!(line, ",\"deadline_ms\":{}", args.call_timeout.as_millis());
