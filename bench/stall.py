@@ -20,9 +20,18 @@ the noise of this machine's scheduler. command_ms is its round trip.
 baseline_* are the PING round trips of the same loop just before, with
 nothing else running: the noise floor of this machine.
 
+With --for SECONDS and no command, it only watches: it PINGs for that long
+while others (a service's background work) use Redis, and prints
+  {"max_stall_ms": …, "p50_ms": …, "pings": …, "seconds": …,
+   "slowest_ms": …, "slowest_command": […], "slowlog_entries": …}
+where slowest_* is the longest command Redis itself ran meanwhile (SLOWLOG,
+its threshold set to --slowlog-us while this runs: 0 would log every
+command and overflow the log), with its first arguments.
+
 Only the standard library; only the loopback address given.
 
   bench/stall.py --port 6390 -- RENAME '{presence:users}:current' '{presence:users}:old'
+  bench/stall.py --port 6390 --for 25
 """
 
 import argparse
@@ -125,10 +134,18 @@ def main():
     parser.add_argument("--baseline", type=float, default=0.5, help="seconds of PINGs before the command (as long as the tail)")
     parser.add_argument("--tail", type=float, default=0.5, help="seconds of PINGs after it answered")
     parser.add_argument("--timeout", type=float, default=30.0, help="give up after this many seconds")
-    parser.add_argument("command", nargs="+", help="the command under test and its arguments")
+    parser.add_argument("--for", dest="watch_for", type=float, metavar="SECONDS",
+                        help="no command: PING for this long while others use Redis")
+    parser.add_argument("--slowlog-us", type=int, default=100,
+                        help="with --for: log commands slower than this (µs) to find the slowest")
+    parser.add_argument("command", nargs="*", help="the command under test and its arguments")
     args = parser.parse_args()
     if not (args.host.startswith("127.") or args.host in ("localhost", "::1")):
         sys.exit("stall.py: loopback addresses only")
+    if (args.watch_for is None) == (not args.command):
+        sys.exit("stall.py: give either a command or --for SECONDS")
+    if args.watch_for is not None:
+        return watch(args)
 
     pinger = socket.create_connection((args.host, args.port), timeout=args.timeout)
     worker = socket.create_connection((args.host, args.port), timeout=args.timeout)
@@ -176,6 +193,39 @@ def main():
     }))
     if isinstance(reply, dict) and "error" in reply:
         sys.exit(1)
+
+
+def watch(args):
+    """--for: the longest PING round trip, and Redis's slowest command, over
+    a span of time in which others work."""
+    pinger = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    admin = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    pinger.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    saved = {key: call(admin, "CONFIG", "GET", key)[1] for key in ("slowlog-log-slower-than", "slowlog-max-len")}
+    call(admin, "CONFIG", "SET", "slowlog-log-slower-than", str(args.slowlog_us), "slowlog-max-len", "100000")
+    call(admin, "SLOWLOG", "RESET")
+    rtts = []
+    start = time.perf_counter()
+    try:
+        while time.perf_counter() < start + args.watch_for:
+            rtts.append(ping(pinger))
+        seconds = time.perf_counter() - start
+        entries = call(admin, "SLOWLOG", "GET", "-1")
+    finally:
+        call(admin, "CONFIG", "SET", *[item for pair in saved.items() for item in pair])
+        call(admin, "SLOWLOG", "RESET")
+    slowest = max(entries, key=lambda e: e[2], default=None)
+    print(json.dumps({
+        "max_stall_ms": round(max(rtts) * 1000, 3),
+        "p50_ms": round(statistics.median(rtts) * 1000, 3),
+        "pings": len(rtts),
+        "seconds": round(seconds, 3),
+        "slowest_ms": None if slowest is None else round(slowest[2] / 1000, 3),
+        # The command and its first arguments (a script's SHA and keys).
+        "slowest_command": None if slowest is None else [str(a)[:80] for a in slowest[3][:4]],
+        "slowlog_entries": len(entries),
+        "slowlog_threshold_us": args.slowlog_us,
+    }))
 
 
 if __name__ == "__main__":
