@@ -23,13 +23,37 @@
 //! - `report-unique`, `report-zipf`, `report-guest`, `report-batch`: the
 //!   report calls, with never-repeating names, Zipf-distributed names, unique
 //!   IPv4/IPv6 guests, and `--batch-size` unique names per call.
+//! - `report-room`: unique `ReportUser` names, call i into room
+//!   `{room-prefix}-{i % rooms:06}`: reports that also keep room counts.
 //! - `list`: `ListOnline` with `--limit`.
+//! - `count`: `CountOnline`.
+//! - `check`: `CheckOnline` of `--check-size` names drawn uniformly from the
+//!   `--people` names `{prefix}-{i:08}` that `populate` creates; names/s is
+//!   calls × size, and `online_fraction` says how many were online.
+//! - `walk`: ONE caller pages through `ListOnline` with page size `--limit`
+//!   from the first page until `next_page_token` is "", walk after walk for
+//!   the duration (or `--requests` walks). The latency fields are per page;
+//!   `walk_seconds` is the median walk, and a name listed twice within one
+//!   walk is counted in `duplicates` and fails the run.
+//! - `list-rooms`: `ListRooms` with `--limit` and `--order`.
 //! - `populate`: puts `--people` users online as fast as it can, with
-//!   `ReportBatch` calls of 1000 names `{prefix}-{i:08}`.
+//!   `ReportBatch` calls of `--batch-size` (default 1000) names
+//!   `{prefix}-{i:08}`; with `--rooms N`, batch i goes into room
+//!   `{room-prefix}-{i % N:06}`, with `--room R` all go into R.
 //! - `wait-serving`: polls `Health/Check` for `--service` (default
 //!   `presence.v1.Presence`) until it is SERVING or `--duration` (default 10s)
 //!   passes, and reports the wall-clock time of the first SERVING answer, so a
 //!   script can measure start-up time from the moment it spawned the server.
+//!
+//! `--room R` gives the room of the report, list, count and check calls.
+//!
+//! Open loop (`--rate R`, for overload): calls start on a fixed schedule, R
+//! per second, whatever the answers, with at most `--concurrency` in flight;
+//! a start that finds every slot taken is not made and is counted in
+//! `not_started`. Latency is measured from the scheduled start, so time spent
+//! queued in this client counts (no coordinated omission). `ok_p99_ms` is the
+//! p99 of the calls that succeeded, `error_p99_ms` that of the failed ones
+//! (how fast a refusal comes back).
 //!
 //! It sends traffic only to `--target` and stops by itself: every run is
 //! bounded by its duration or request count, and every call by
@@ -40,13 +64,13 @@
 //! (or `--token`), sent on every Presence call.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fmt::Write as _,
     net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::ExitCode,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -54,8 +78,10 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use presence::proto::v1::{
-    ListOnlineRequest, ReportBatchRequest, ReportGuestRequest, ReportUserRequest, presence_client::PresenceClient,
+    CheckOnlineRequest, CountOnlineRequest, ListOnlineRequest, ListRoomsRequest, ReportBatchRequest,
+    ReportGuestRequest, ReportUserRequest, RoomOrder, presence_client::PresenceClient,
 };
+use tokio::sync::Semaphore;
 use tonic::{
     Code, Status,
     metadata::{Ascii, MetadataValue},
@@ -110,22 +136,51 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     zipf_s: f64,
 
-    /// report-batch: unique user names per call.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=MAX_BATCH as i64))]
-    batch_size: u32,
+    /// report-batch and populate: user names per call (default 100 for
+    /// report-batch, 1000 for populate).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=MAX_BATCH as i64))]
+    batch_size: Option<u32>,
 
-    /// list: the `limit` of each ListOnline call.
+    /// list, walk, list-rooms: the `limit` (page size) of each call.
     #[arg(long, default_value_t = 50)]
     limit: u32,
 
-    /// populate: how many users to put online.
+    /// populate: how many users to put online; check: how many names
+    /// `{prefix}-{i:08}` to draw from.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     people: u64,
 
     /// The start of every generated name (default: the workload's short name
-    /// and, for never-repeating names, an id unique to this run).
-    #[arg(long)]
+    /// and, for never-repeating names, an id unique to this run; "pop" for
+    /// populate and check, so check asks about the names populate made).
+    #[arg(long, alias = "prefix")]
     name_prefix: Option<String>,
+
+    /// The room of the report, list, count and check calls ("" for the site).
+    #[arg(long, default_value = "")]
+    room: String,
+
+    /// report-room (default 1000) and populate (default: no rooms): how many
+    /// rooms `{room-prefix}-{i % rooms:06}` the reports are spread over.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    rooms: Option<u64>,
+
+    /// The start of the room names of --rooms.
+    #[arg(long, default_value = "room")]
+    room_prefix: String,
+
+    /// check: user names per CheckOnline call.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=MAX_BATCH as i64))]
+    check_size: u32,
+
+    /// list-rooms: the order of the rooms.
+    #[arg(long, value_enum, default_value_t = Order::Name)]
+    order: Order,
+
+    /// Open loop: start this many calls per second on a fixed schedule,
+    /// whatever the answers, at most --concurrency in flight.
+    #[arg(long)]
+    rate: Option<f64>,
 
     /// health and wait-serving: the service to ask about (default "" for
     /// health, "presence.v1.Presence" for wait-serving).
@@ -153,9 +208,36 @@ enum Workload {
     ReportZipf,
     ReportGuest,
     ReportBatch,
+    ReportRoom,
     List,
+    Count,
+    Check,
+    Walk,
+    ListRooms,
     Populate,
     WaitServing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Order {
+    Name,
+    MostOnline,
+}
+
+impl Order {
+    fn name(self) -> &'static str {
+        match self {
+            Order::Name => "name",
+            Order::MostOnline => "most-online",
+        }
+    }
+
+    fn proto(self) -> RoomOrder {
+        match self {
+            Order::Name => RoomOrder::Name,
+            Order::MostOnline => RoomOrder::MostOnline,
+        }
+    }
 }
 
 impl Workload {
@@ -166,7 +248,12 @@ impl Workload {
             Workload::ReportZipf => "report-zipf",
             Workload::ReportGuest => "report-guest",
             Workload::ReportBatch => "report-batch",
+            Workload::ReportRoom => "report-room",
             Workload::List => "list",
+            Workload::Count => "count",
+            Workload::Check => "check",
+            Workload::Walk => "walk",
+            Workload::ListRooms => "list-rooms",
             Workload::Populate => "populate",
             Workload::WaitServing => "wait-serving",
         }
@@ -174,7 +261,18 @@ impl Workload {
 
     /// Whether each call reports names, so names per second means something.
     fn reports_names(self) -> bool {
-        !matches!(self, Workload::Health | Workload::List | Workload::WaitServing)
+        !matches!(
+            self,
+            Workload::Health | Workload::List | Workload::Count | Workload::ListRooms | Workload::WaitServing
+        )
+    }
+
+    /// Names per call, where a call carries several.
+    fn batch_size(self, args: &Args) -> u32 {
+        match self {
+            Workload::Populate => args.batch_size.unwrap_or(MAX_BATCH),
+            _ => args.batch_size.unwrap_or(100),
+        }
     }
 }
 
@@ -205,41 +303,76 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(problem) = check_args(&args) {
+        eprintln!("presence-load: {problem}");
+        return ExitCode::from(2);
+    }
     let plan = Arc::new(Plan::new(&args));
     let schedule = Arc::new(Schedule::new(&args));
-
-    let workers: Vec<_> = (0..u64::from(args.concurrency))
+    let workers: Vec<Worker> = (0..u64::from(args.concurrency))
         .map(|id| {
             let channel = channels[(id % channels.len() as u64) as usize].clone();
-            let worker = Worker {
+            Worker {
                 presence: PresenceClient::with_interceptor(channel.clone(), bearer.clone()),
                 health: HealthClient::new(channel),
                 plan: plan.clone(),
                 rng: SplitMix64::new(plan.run_id ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-            };
-            tokio::spawn(run_worker(worker, schedule.clone()))
+            }
         })
         .collect();
 
-    let mut total = Tally::default();
-    for worker in workers {
-        match worker.await {
-            Ok(tally) => total.merge(tally),
-            Err(error) => {
-                eprintln!("presence-load: a caller task failed: {error}");
-                *total.errors.entry("TASK_FAILED").or_default() += 1;
+    let mut total = if args.workload == Workload::Walk {
+        // One caller: a walk is one client reading a list page after page.
+        let mut workers = workers;
+        match workers.pop() {
+            Some(worker) => run_walker(worker, &schedule).await,
+            None => Tally::default(),
+        }
+    } else if let Some(rate) = args.rate {
+        run_open_loop(workers, schedule.clone(), rate).await
+    } else {
+        let mut total = Tally::default();
+        let tasks: Vec<_> = workers
+            .into_iter()
+            .map(|worker| tokio::spawn(run_worker(worker, schedule.clone())))
+            .collect();
+        for task in tasks {
+            match task.await {
+                Ok(tally) => total.merge(tally),
+                Err(error) => {
+                    eprintln!("presence-load: a caller task failed: {error}");
+                    *total.errors.entry("TASK_FAILED").or_default() += 1;
+                }
             }
         }
-    }
+        total
+    };
     let seconds = total.last_done.map_or(0.0, |done| {
         done.saturating_duration_since(schedule.measure_from).as_secs_f64()
     });
     println!("{}", summary(&args, &mut total, seconds));
-    if total.errors.is_empty() {
+    // A duplicate in a walk breaks the paging promise: the run is no result.
+    if total.errors.is_empty() && total.duplicates == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Refuses combinations that would measure something other than asked.
+fn check_args(args: &Args) -> Result<(), String> {
+    if let Some(rate) = args.rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err("--rate must be a positive number of calls per second".to_owned());
+        }
+        if matches!(args.workload, Workload::Walk | Workload::Populate) {
+            return Err(format!("--rate does not apply to {}", args.workload.name()));
+        }
+    }
+    if args.rooms.is_some() && args.workload == Workload::Populate && !args.room.is_empty() {
+        return Err("populate takes --rooms or --room, not both".to_owned());
+    }
+    Ok(())
 }
 
 /// Opens `--connections` HTTP/2 connections. Each `Endpoint::connect` is a
@@ -303,6 +436,12 @@ struct Plan {
     batch_size: u32,
     limit: u32,
     people: u64,
+    room: String,
+    /// report-room and populate: how many rooms the calls are spread over.
+    rooms: Option<u64>,
+    room_prefix: String,
+    check_size: u32,
+    order: Order,
     /// report-zipf: the cumulative distribution over names, for a binary search.
     zipf_cdf: Vec<f64>,
 }
@@ -313,7 +452,7 @@ impl Plan {
         let run_id = SplitMix64::new(now.as_nanos() as u64 ^ u64::from(std::process::id())).next_u64();
         let prefix = args.name_prefix.clone().unwrap_or_else(|| match args.workload {
             Workload::ReportZipf => "zipf".to_owned(),
-            Workload::Populate => "pop".to_owned(),
+            Workload::Populate | Workload::Check => "pop".to_owned(),
             Workload::ReportBatch => format!("b-{:012x}", run_id >> 16),
             _ => format!("u-{:012x}", run_id >> 16),
         });
@@ -327,14 +466,26 @@ impl Plan {
             run_id,
             prefix,
             service: args.service.clone().unwrap_or_default(),
-            batch_size: if args.workload == Workload::Populate {
-                MAX_BATCH
-            } else {
-                args.batch_size
-            },
+            batch_size: args.workload.batch_size(args),
             limit: args.limit,
             people: args.people,
+            room: args.room.clone(),
+            rooms: match args.workload {
+                Workload::ReportRoom => Some(args.rooms.unwrap_or(1000)),
+                _ => args.rooms,
+            },
+            room_prefix: args.room_prefix.clone(),
+            check_size: args.check_size,
+            order: args.order,
             zipf_cdf,
+        }
+    }
+
+    /// The room of call (or batch) `i`: spread over --rooms, else --room.
+    fn room_of(&self, i: u64) -> String {
+        match self.rooms {
+            Some(rooms) => format!("{}-{:06}", self.room_prefix, i % rooms),
+            None => self.room.clone(),
         }
     }
 }
@@ -372,7 +523,10 @@ impl Schedule {
         let start = Instant::now();
         // populate is a chore, not a measurement: no warm-up, one call per batch.
         let (warmup, requests) = match args.workload {
-            Workload::Populate => (Duration::ZERO, Some(args.people.div_ceil(u64::from(MAX_BATCH)))),
+            Workload::Populate => (
+                Duration::ZERO,
+                Some(args.people.div_ceil(u64::from(args.workload.batch_size(args)))),
+            ),
             _ => (*args.warmup, args.requests),
         };
         let measure_from = start + warmup;
@@ -415,8 +569,23 @@ struct Tally {
     errors: BTreeMap<&'static str, u64>,
     /// When the last timed call ended.
     last_done: Option<Instant>,
-    /// list: the largest `user_count` answered, to check what was measured.
+    /// list, count, walk: the largest `user_count` answered, to check what
+    /// was measured.
     user_count: u64,
+    /// Latency of each timed call that failed, in microseconds: how fast a
+    /// refusal comes back.
+    error_latencies_us: Vec<u32>,
+    /// check: names asked about, and of those, how many were online.
+    checked: u64,
+    online: u64,
+    /// Open loop: scheduled starts that found every slot taken.
+    not_started: u64,
+    /// walk: each whole walk's seconds, names and pages.
+    walk_seconds: Vec<f64>,
+    walk_names: Vec<u64>,
+    walk_pages: Vec<u64>,
+    /// walk: names listed more than once within one walk, over all walks.
+    duplicates: u64,
 }
 
 impl Tally {
@@ -429,16 +598,46 @@ impl Tally {
         }
         self.last_done = self.last_done.max(other.last_done);
         self.user_count = self.user_count.max(other.user_count);
+        self.error_latencies_us.extend(other.error_latencies_us);
+        self.checked += other.checked;
+        self.online += other.online;
+        self.not_started += other.not_started;
+        self.walk_seconds.extend(other.walk_seconds);
+        self.walk_names.extend(other.walk_names);
+        self.walk_pages.extend(other.walk_pages);
+        self.duplicates += other.duplicates;
+    }
+
+    /// Counts one timed call that started at `started` and ended at `done`.
+    fn record(&mut self, outcome: &Result<Answer, &'static str>, started: Instant, done: Instant) {
+        let micros = u32::try_from(done.saturating_duration_since(started).as_micros()).unwrap_or(u32::MAX);
+        match outcome {
+            Ok(answer) => {
+                self.latencies_us.push(micros);
+                self.names += answer.names;
+                self.user_count = self.user_count.max(answer.user_count);
+                self.checked += answer.checked;
+                self.online += answer.online;
+            }
+            Err(_) => self.error_latencies_us.push(micros),
+        }
+        self.requests += 1;
+        self.last_done = self.last_done.max(Some(done));
     }
 }
 
 /// What a successful call tells the tally.
+#[derive(Default)]
 struct Answer {
     names: u64,
     user_count: u64,
+    /// check: names asked about, and how many of them were online.
+    checked: u64,
+    online: u64,
 }
 
 /// One caller: a client per service on its share of the connections.
+#[derive(Clone)]
 struct Worker {
     presence: PresenceClient<InterceptedService<Channel, Bearer>>,
     health: HealthClient<Channel>,
@@ -454,7 +653,7 @@ impl Worker {
         let plan = &*self.plan;
         let one = Answer {
             names: 1,
-            user_count: 0,
+            ..Answer::default()
         };
         match plan.workload {
             Workload::Health | Workload::WaitServing => {
@@ -467,13 +666,11 @@ impl Worker {
                 }
                 Ok(Answer { names: 0, ..one })
             }
-            Workload::ReportUnique => {
+            Workload::ReportUnique | Workload::ReportRoom => {
                 let username = format!("{}-{seq}", plan.prefix);
+                let room = plan.room_of(seq);
                 self.presence
-                    .report_user(ReportUserRequest {
-                        username,
-                        ..Default::default()
-                    })
+                    .report_user(ReportUserRequest { username, room })
                     .await
                     .map_err(failed)?;
                 Ok(one)
@@ -485,7 +682,7 @@ impl Worker {
                 self.presence
                     .report_user(ReportUserRequest {
                         username,
-                        ..Default::default()
+                        room: plan.room.clone(),
                     })
                     .await
                     .map_err(failed)?;
@@ -496,7 +693,7 @@ impl Worker {
                 self.presence
                     .report_guest(ReportGuestRequest {
                         ip_address,
-                        ..Default::default()
+                        room: plan.room.clone(),
                     })
                     .await
                     .map_err(failed)?;
@@ -514,7 +711,7 @@ impl Worker {
                 let request = ReportBatchRequest {
                     usernames,
                     ip_addresses: Vec::new(),
-                    room: String::new(),
+                    room: plan.room_of(seq),
                 };
                 self.presence.report_batch(request).await.map_err(failed)?;
                 Ok(Answer { names, ..one })
@@ -524,17 +721,94 @@ impl Worker {
                     .presence
                     .list_online(ListOnlineRequest {
                         limit: plan.limit,
-                        ..Default::default()
+                        page_token: String::new(),
+                        room: plan.room.clone(),
                     })
                     .await
                     .map_err(failed)?
                     .into_inner();
                 Ok(Answer {
-                    names: 0,
                     user_count: response.user_count,
+                    ..Answer::default()
+                })
+            }
+            Workload::Count => {
+                let response = self
+                    .presence
+                    .count_online(CountOnlineRequest {
+                        room: plan.room.clone(),
+                    })
+                    .await
+                    .map_err(failed)?
+                    .into_inner();
+                Ok(Answer {
+                    user_count: response.user_count,
+                    ..Answer::default()
+                })
+            }
+            Workload::Check => {
+                let usernames: Vec<String> = (0..plan.check_size)
+                    .map(|_| format!("{}-{:08}", plan.prefix, self.rng.next_u64() % plan.people))
+                    .collect();
+                let asked = usernames.len() as u64;
+                let response = self
+                    .presence
+                    .check_online(CheckOnlineRequest {
+                        usernames,
+                        ip_addresses: Vec::new(),
+                        room: plan.room.clone(),
+                    })
+                    .await
+                    .map_err(failed)?
+                    .into_inner();
+                // An answer that does not say one status per name is wrong.
+                if response.users.len() as u64 != asked {
+                    return Err("WRONG_ANSWER");
+                }
+                Ok(Answer {
+                    names: asked,
+                    checked: asked,
+                    online: response.users.iter().filter(|u| u.online).count() as u64,
+                    ..Answer::default()
+                })
+            }
+            Workload::ListRooms => {
+                let response = self
+                    .presence
+                    .list_rooms(ListRoomsRequest {
+                        limit: plan.limit,
+                        page_token: String::new(),
+                        order: plan.order.proto() as i32,
+                    })
+                    .await
+                    .map_err(failed)?
+                    .into_inner();
+                Ok(Answer {
+                    names: response.rooms.len() as u64,
+                    ..Answer::default()
+                })
+            }
+            Workload::Walk => {
+                // A walk is paged by run_walker; a lone call is its first page.
+                let page = self.page(String::new()).await?;
+                Ok(Answer {
+                    user_count: page.user_count,
+                    ..Answer::default()
                 })
             }
         }
+    }
+}
+
+impl Worker {
+    /// One ListOnline page of the walk, from `page_token`.
+    async fn page(&mut self, page_token: String) -> Result<presence::proto::v1::ListOnlineResponse, &'static str> {
+        let request = ListOnlineRequest {
+            limit: self.plan.limit,
+            page_token,
+            room: self.plan.room.clone(),
+        };
+        Ok(self.presence.list_online(request).await.map_err(failed)?.into_inner())
     }
 }
 
@@ -550,21 +824,149 @@ async fn run_worker(mut worker: Worker, schedule: Arc<Schedule>) -> Tally {
         let seq = schedule.sequence.fetch_add(1, Ordering::Relaxed);
         let outcome = worker.call(seq).await;
         let done = Instant::now();
-        match outcome {
-            Ok(answer) if timed => {
-                let micros = u32::try_from(done.duration_since(started).as_micros()).unwrap_or(u32::MAX);
-                tally.latencies_us.push(micros);
-                tally.names += answer.names;
-                tally.user_count = tally.user_count.max(answer.user_count);
-            }
-            Ok(_) => {}
-            Err(code) => *tally.errors.entry(code).or_default() += 1,
+        if let Err(code) = outcome {
+            *tally.errors.entry(code).or_default() += 1;
         }
         if timed {
-            tally.requests += 1;
-            tally.last_done = Some(done);
+            tally.record(&outcome, started, done);
         }
     }
+}
+
+/// Open loop: call k is due at `measure_from - warmup + k / rate`, whatever
+/// the answers; it starts if one of the --concurrency slots is free, and is
+/// counted as not started otherwise. Each call is timed from when it was due.
+async fn run_open_loop(workers: Vec<Worker>, schedule: Arc<Schedule>, rate: f64) -> Tally {
+    let slots = workers.len();
+    let semaphore = Arc::new(Semaphore::new(slots));
+    let shared = Arc::new(Mutex::new(Tally::default()));
+    let origin = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut next: u64 = 0;
+    'schedule: loop {
+        // Every call due by now, each with its own due time: the timer's
+        // granularity (about a millisecond) bunches starts, never skews latency.
+        let now = Instant::now();
+        let due_by_now = (now.saturating_duration_since(origin).as_secs_f64() * rate) as u64;
+        while next <= due_by_now {
+            let due = origin + interval.mul_f64(next as f64);
+            next += 1;
+            let timed = due >= schedule.measure_from;
+            if !schedule.may_start(due, timed) {
+                break 'schedule;
+            }
+            let Ok(permit) = semaphore.clone().try_acquire_owned() else {
+                if timed {
+                    lock(&shared).not_started += 1;
+                }
+                continue;
+            };
+            let seq = schedule.sequence.fetch_add(1, Ordering::Relaxed);
+            let mut worker = workers[(seq % slots as u64) as usize].clone();
+            worker.rng = SplitMix64::new(worker.plan.run_id ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let outcome = worker.call(seq).await;
+                let done = Instant::now();
+                let mut tally = lock(&shared);
+                if let Err(code) = outcome {
+                    *tally.errors.entry(code).or_default() += 1;
+                }
+                if timed {
+                    tally.record(&outcome, due, done);
+                }
+                drop(permit);
+            });
+        }
+        let due = origin + interval.mul_f64(next as f64);
+        tokio::time::sleep_until(due.into()).await;
+    }
+    // Every slot back: every call started has ended.
+    let all = u32::try_from(slots).unwrap_or(u32::MAX);
+    if semaphore.acquire_many(all).await.is_err() {
+        eprintln!("presence-load: the call slots were closed early");
+    }
+    std::mem::take(&mut *lock(&shared))
+}
+
+/// The shared tally, even if a task panicked while holding it (its counts
+/// are still right: every update is a whole one).
+fn lock(tally: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The walk: one caller pages through ListOnline from "" until the token is
+/// "", walk after walk. Warm-up fetches first pages only (a whole walk of a
+/// million names would outlast it). Each page is a timed call; a walk whose
+/// page failed is not counted as a walk.
+async fn run_walker(mut worker: Worker, schedule: &Schedule) -> Tally {
+    let mut tally = Tally::default();
+    while Instant::now() < schedule.measure_from {
+        if let Err(code) = worker.page(String::new()).await {
+            *tally.errors.entry(code).or_default() += 1;
+        }
+    }
+    loop {
+        let started = Instant::now();
+        if !schedule.may_start(started, true) {
+            return tally;
+        }
+        let mut users: Vec<String> = Vec::new();
+        let mut guests: Vec<String> = Vec::new();
+        let mut token = String::new();
+        let mut pages = 0_u64;
+        let mut most_pages = u64::MAX;
+        let complete = loop {
+            let page_started = Instant::now();
+            let outcome = worker.page(std::mem::take(&mut token)).await;
+            let done = Instant::now();
+            let page = match outcome {
+                Ok(page) => page,
+                Err(code) => {
+                    *tally.errors.entry(code).or_default() += 1;
+                    tally.record(&Err(code), page_started, done);
+                    break false;
+                }
+            };
+            let answer = Answer {
+                names: (page.users.len() + page.guests.len()) as u64,
+                user_count: page.user_count,
+                ..Answer::default()
+            };
+            tally.record(&Ok(answer), page_started, done);
+            pages += 1;
+            if pages == 1 {
+                // A walk that goes on far past what the counts allow is a
+                // token that loops: stop it instead of running for ever.
+                let per_page = u64::from(worker.plan.limit.clamp(1, 1000));
+                most_pages = 2 * (page.user_count + page.guest_count) / per_page + 10;
+            }
+            users.extend(page.users);
+            guests.extend(page.guests);
+            if page.next_page_token.is_empty() {
+                break true;
+            }
+            if pages >= most_pages {
+                *tally.errors.entry("WALK_DID_NOT_END").or_default() += 1;
+                break false;
+            }
+            token = page.next_page_token;
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        if complete {
+            // Counted after the clock stopped, so checking costs the walk nothing.
+            tally.duplicates += duplicates(&users) + duplicates(&guests);
+            tally.walk_seconds.push(seconds);
+            tally.walk_names.push((users.len() + guests.len()) as u64);
+            tally.walk_pages.push(pages);
+        }
+    }
+}
+
+/// How many entries repeat an earlier one.
+fn duplicates(names: &[String]) -> u64 {
+    let mut seen = HashSet::with_capacity(names.len());
+    names.iter().filter(|name| !seen.insert(name.as_str())).count() as u64
 }
 
 /// A unique guest per call: even calls an IPv4 address, odd ones an IPv6
@@ -582,17 +984,18 @@ fn guest_address(run_id: u64, seq: u64) -> String {
 fn summary(args: &Args, total: &mut Tally, seconds: f64) -> String {
     total.latencies_us.sort_unstable();
     let per_sec = |n: u64| if seconds > 0.0 { n as f64 / seconds } else { 0.0 };
-    let plan_batch = if args.workload == Workload::Populate {
-        MAX_BATCH
+    let plan_batch = args.workload.batch_size(args);
+    let concurrency = if args.workload == Workload::Walk {
+        1
     } else {
-        args.batch_size
+        args.concurrency
     };
     let mut line = String::new();
     let _ = write!(
         line,
         "{{\"workload\":{},\"concurrency\":{},\"connections\":{},\"requests\":{},\"seconds\":{:.3},\"rps\":{:.1}",
         json_string(args.workload.name()),
-        args.concurrency,
+        concurrency,
         args.connections,
         total.requests,
         seconds,
@@ -613,9 +1016,65 @@ fn summary(args: &Args, total: &mut Tally, seconds: f64) -> String {
             }
         }
     }
+    let ok = total.latencies_us.len() as u64;
+    let _ = write!(line, ",\"ok\":{ok},\"ok_rps\":{:.1}", per_sec(ok));
+    total.error_latencies_us.sort_unstable();
+    for (key, samples) in [
+        ("ok_p99_ms", &total.latencies_us),
+        ("error_p99_ms", &total.error_latencies_us),
+    ] {
+        let _ = write!(line, ",\"{key}\":{}", ms(percentile(samples, 0.99)));
+    }
+    if let Some(rate) = args.rate {
+        let _ = write!(
+            line,
+            ",\"offered_rate\":{rate},\"in_flight_cap\":{},\"not_started\":{}",
+            args.concurrency, total.not_started
+        );
+    }
+    if !args.room.is_empty() {
+        let _ = write!(line, ",\"room\":{}", json_string(&args.room));
+    }
     match args.workload {
         Workload::ReportBatch | Workload::Populate => {
             let _ = write!(line, ",\"batch_size\":{plan_batch}");
+            if let Some(rooms) = args.rooms {
+                let _ = write!(line, ",\"rooms\":{rooms}");
+            }
+        }
+        Workload::ReportRoom => {
+            let _ = write!(line, ",\"rooms\":{}", args.rooms.unwrap_or(1000));
+        }
+        Workload::Count => {
+            let _ = write!(line, ",\"user_count\":{}", total.user_count);
+        }
+        Workload::Check => {
+            let fraction = if total.checked > 0 {
+                total.online as f64 / total.checked as f64
+            } else {
+                0.0
+            };
+            let _ = write!(
+                line,
+                ",\"check_size\":{},\"people\":{},\"online_fraction\":{fraction:.4}",
+                args.check_size, args.people
+            );
+        }
+        Workload::Walk => {
+            let _ = write!(
+                line,
+                ",\"limit\":{},\"user_count\":{},\"walks\":{},\"walk_seconds\":{},\"names_per_walk\":{},\"pages_per_walk\":{},\"duplicates\":{}",
+                args.limit,
+                total.user_count,
+                total.walk_seconds.len(),
+                median_f64(&total.walk_seconds).map_or("null".to_owned(), |s| format!("{s:.3}")),
+                median_u64(&total.walk_names).map_or("null".to_owned(), |n| n.to_string()),
+                median_u64(&total.walk_pages).map_or("null".to_owned(), |n| n.to_string()),
+                total.duplicates,
+            );
+        }
+        Workload::ListRooms => {
+            let _ = write!(line, ",\"limit\":{},\"order\":\"{}\"", args.limit, args.order.name());
         }
         Workload::ReportZipf => {
             let _ = write!(line, ",\"names\":{},\"zipf_s\":{}", args.names, args.zipf_s);
@@ -634,6 +1093,23 @@ fn summary(args: &Args, total: &mut Tally, seconds: f64) -> String {
     }
     line.push_str("}}");
     line
+}
+
+/// Milliseconds from microseconds, or null.
+fn ms(us: Option<u32>) -> String {
+    us.map_or("null".to_owned(), |us| format!("{:.3}", f64::from(us) / 1000.0))
+}
+
+fn median_f64(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len().checked_sub(1)? / 2).copied()
+}
+
+fn median_u64(values: &[u64]) -> Option<u64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    sorted.get(sorted.len().checked_sub(1)? / 2).copied()
 }
 
 /// Nearest-rank percentile of sorted samples.
@@ -770,6 +1246,7 @@ fn json_string(text: &str) -> String {
 
 /// SplitMix64: a tiny, fast, well-mixed generator, plenty for picking names
 /// (and no extra dependency).
+#[derive(Clone)]
 struct SplitMix64(u64);
 
 impl SplitMix64 {
