@@ -20,18 +20,23 @@ the noise of this machine's scheduler. command_ms is its round trip.
 baseline_* are the PING round trips of the same loop just before, with
 nothing else running: the noise floor of this machine.
 
-With --for SECONDS and no command, it only watches: it PINGs for that long
-while others (a service's background work) use Redis, and prints
+Watch mode (--watch): no command of its own; it PINGs for --duration
+seconds, or until process --pid exits, beside work that something else does
+(a ListOnline walk through the service, say). It prints
   {"max_stall_ms": …, "p50_ms": …, "pings": …, "seconds": …,
-   "slowest_ms": …, "slowest_command": […], "slowlog_entries": …}
-where slowest_* is the longest command Redis itself ran meanwhile (SLOWLOG,
-its threshold set to --slowlog-us while this runs: 0 would log every
-command and overflow the log), with its first arguments.
+   "server_max_ms": …, "server_max_command": …, "server_max_by_command": {…},
+   "slowlog_threshold_us": …, "slowlog_entries": …}
+where server_max_ms is the longest any one command ran inside Redis while it
+watched (from SLOWLOG, which logs only commands slower than
+--slowlog-threshold-us, default 100 µs, so that a busy Redis does not flood
+it: 0 means none was slower) and server_max_by_command the same per command
+name. Every other client's commands count, as they stall the PING loop.
 
 Only the standard library; only the loopback address given.
 
   bench/stall.py --port 6390 -- RENAME '{presence:users}:current' '{presence:users}:old'
-  bench/stall.py --port 6390 --for 25
+  bench/stall.py --port 6390 --watch --pid 12345
+  bench/stall.py --port 6390 --watch --duration 2
 """
 
 import argparse
@@ -127,6 +132,59 @@ def server_time_us(sock, name):
     return None
 
 
+def alive(pid):
+    """Whether process pid still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def watch(args, pinger, worker):
+    """PINGs until the duration passes or the pid exits; SLOWLOG says what ran long in Redis."""
+    saved = {key: call(worker, "CONFIG", "GET", key)[1] for key in ("slowlog-log-slower-than", "slowlog-max-len")}
+    call(worker, "CONFIG", "SET", "slowlog-log-slower-than", str(args.slowlog_threshold_us), "slowlog-max-len", "100000")
+    call(worker, "SLOWLOG", "RESET")
+    start = time.perf_counter()
+    until = start + (args.duration if args.duration is not None else args.timeout)
+    rtts = []
+    # Checking the pid is a file read: once every 10 ms is plenty.
+    next_check = start
+    while time.perf_counter() < until:
+        rtts.append(ping(pinger))
+        now = time.perf_counter()
+        if args.pid is not None and now >= next_check:
+            next_check = now + 0.01
+            if not alive(args.pid):
+                break
+    seconds = time.perf_counter() - start
+    timed_out = args.pid is not None and alive(args.pid)
+    by_command = {}
+    entries = call(worker, "SLOWLOG", "GET", "-1")
+    for entry in entries:
+        name = (entry[3][0] if entry[3] else "?").upper()
+        if name in ("CONFIG", "SLOWLOG"):
+            continue  # this tool's own
+        by_command[name] = max(by_command.get(name, 0), entry[2])
+    call(worker, "CONFIG", "SET", *[item for pair in saved.items() for item in pair])
+    call(worker, "SLOWLOG", "RESET")
+    top = max(by_command, key=by_command.get) if by_command else None
+    print(json.dumps({
+        "max_stall_ms": round(max(rtts) * 1000, 3),
+        "p50_ms": round(statistics.median(rtts) * 1000, 3),
+        "pings": len(rtts),
+        "seconds": round(seconds, 3),
+        "server_max_ms": round(by_command[top] / 1000, 3) if top else 0.0,
+        "server_max_command": top,
+        "server_max_by_command": {k: round(v / 1000, 3) for k, v in sorted(by_command.items())},
+        "slowlog_threshold_us": args.slowlog_threshold_us,
+        "slowlog_entries": len(entries),
+    }))
+    if timed_out:
+        sys.exit(f"stall.py: process {args.pid} still ran after {args.timeout} s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
@@ -134,23 +192,26 @@ def main():
     parser.add_argument("--baseline", type=float, default=0.5, help="seconds of PINGs before the command (as long as the tail)")
     parser.add_argument("--tail", type=float, default=0.5, help="seconds of PINGs after it answered")
     parser.add_argument("--timeout", type=float, default=30.0, help="give up after this many seconds")
-    parser.add_argument("--for", dest="watch_for", type=float, metavar="SECONDS",
-                        help="no command: PING for this long while others use Redis")
-    parser.add_argument("--slowlog-us", type=int, default=100,
-                        help="with --for: log commands slower than this (µs) to find the slowest")
+    parser.add_argument("--watch", action="store_true", help="no command: PING for --duration, or until --pid exits")
+    parser.add_argument("--duration", type=float, help="--watch: seconds to PING")
+    parser.add_argument("--pid", type=int, help="--watch: PING until this process exits (at most --timeout)")
+    parser.add_argument("--slowlog-threshold-us", type=int, default=100, help="--watch: SLOWLOG only commands slower than this")
     parser.add_argument("command", nargs="*", help="the command under test and its arguments")
     args = parser.parse_args()
+    if args.watch == bool(args.command):
+        sys.exit("stall.py: give a command, or --watch (not both)")
+    if args.watch and (args.duration is None) == (args.pid is None):
+        sys.exit("stall.py: --watch needs --duration or --pid (one of them)")
     if not (args.host.startswith("127.") or args.host in ("localhost", "::1")):
         sys.exit("stall.py: loopback addresses only")
-    if (args.watch_for is None) == (not args.command):
-        sys.exit("stall.py: give either a command or --for SECONDS")
-    if args.watch_for is not None:
-        return watch(args)
 
     pinger = socket.create_connection((args.host, args.port), timeout=args.timeout)
     worker = socket.create_connection((args.host, args.port), timeout=args.timeout)
     for sock in (pinger, worker):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if args.watch:
+        watch(args, pinger, worker)
+        return
 
     # Every command is logged with its own execution time while this runs,
     # so the command's server-side time is exact, whatever the client noise.
@@ -193,39 +254,6 @@ def main():
     }))
     if isinstance(reply, dict) and "error" in reply:
         sys.exit(1)
-
-
-def watch(args):
-    """--for: the longest PING round trip, and Redis's slowest command, over
-    a span of time in which others work."""
-    pinger = socket.create_connection((args.host, args.port), timeout=args.timeout)
-    admin = socket.create_connection((args.host, args.port), timeout=args.timeout)
-    pinger.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    saved = {key: call(admin, "CONFIG", "GET", key)[1] for key in ("slowlog-log-slower-than", "slowlog-max-len")}
-    call(admin, "CONFIG", "SET", "slowlog-log-slower-than", str(args.slowlog_us), "slowlog-max-len", "100000")
-    call(admin, "SLOWLOG", "RESET")
-    rtts = []
-    start = time.perf_counter()
-    try:
-        while time.perf_counter() < start + args.watch_for:
-            rtts.append(ping(pinger))
-        seconds = time.perf_counter() - start
-        entries = call(admin, "SLOWLOG", "GET", "-1")
-    finally:
-        call(admin, "CONFIG", "SET", *[item for pair in saved.items() for item in pair])
-        call(admin, "SLOWLOG", "RESET")
-    slowest = max(entries, key=lambda e: e[2], default=None)
-    print(json.dumps({
-        "max_stall_ms": round(max(rtts) * 1000, 3),
-        "p50_ms": round(statistics.median(rtts) * 1000, 3),
-        "pings": len(rtts),
-        "seconds": round(seconds, 3),
-        "slowest_ms": None if slowest is None else round(slowest[2] / 1000, 3),
-        # The command and its first arguments (a script's SHA and keys).
-        "slowest_command": None if slowest is None else [str(a)[:80] for a in slowest[3][:4]],
-        "slowlog_entries": len(entries),
-        "slowlog_threshold_us": args.slowlog_us,
-    }))
 
 
 if __name__ == "__main__":

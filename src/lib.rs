@@ -17,7 +17,9 @@
 //!   grace.
 //! - `service`: the `presence.v1.Presence` gRPC service. It turns wire
 //!   requests into domain values and failures into gRPC statuses (`error`),
-//!   within each client's deadline.
+//!   within each client's deadline. `shared_reads` lets concurrent
+//!   identical lists and counts share one Redis read (and, opt-in, a
+//!   short cache).
 //! - `watch`: `WatchOnline`, one subscription per watched scope fanned out
 //!   to every watcher on the replica.
 //! - [`domain`]: the values that exist past the edge, parsed, never merely
@@ -54,6 +56,7 @@ pub mod proto;
 mod reload;
 mod service;
 pub mod settings;
+mod shared_reads;
 pub mod shutdown;
 pub mod startup;
 pub mod store;

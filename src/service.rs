@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
 use crate::domain::{
-    Cursor, Kind, KindPage, OnlinePageToken, PageSize, RoomOrder, RoomsPageToken, Scope, Username, Visitors,
+    Cursor, Kind, KindPage, OnlinePageToken, PageSize, RoomOrder, RoomsPage, RoomsPageToken, Scope, Username, Visitors,
 };
 use crate::error::{ApiError, OutageLog};
 use crate::guests::GuestPrivacy;
@@ -26,7 +26,8 @@ use crate::proto::v1::{
     ReportBatchResponse, ReportGuestRequest, ReportGuestResponse, ReportUserRequest, ReportUserResponse, Room,
     UserStatus, WatchOnlineRequest, WatchOnlineResponse, presence_server,
 };
-use crate::store::Store;
+use crate::shared_reads::SharedReads;
+use crate::store::{Store, StoreError};
 use crate::watch::WatchHub;
 
 /// The most entries one `ReportBatch`, `CheckOnline` or `Leave` may carry,
@@ -55,7 +56,18 @@ pub struct PresenceService {
     store_timeout: Duration,
     /// What is stored of a guest's address.
     guests: GuestPrivacy,
+    /// Concurrent identical pages and counts share one store read.
+    pages: SharedReads<PageKey, KindPage>,
+    /// The same for pages of rooms.
+    room_pages: SharedReads<RoomsKey, RoomsPage>,
 }
+
+/// One page of one kind: the scope, the kind, where it starts, its size
+/// (0: a count).
+type PageKey = (Scope, Kind, Option<String>, usize);
+
+/// One page of rooms: the order, where it starts, its size.
+type RoomsKey = (RoomOrder, Option<RoomsPageToken>, usize);
 
 impl PresenceService {
     pub fn new(
@@ -72,6 +84,18 @@ impl PresenceService {
             outage,
             store_timeout,
             guests: GuestPrivacy::Plain,
+            pages: SharedReads::new(),
+            room_pages: SharedReads::new(),
+        }
+    }
+
+    /// Answers lists, counts and lists of rooms from a read up to `age`
+    /// old (`PRESENCE_LIST_CACHE`; zero, the default: never from the past).
+    pub fn with_list_cache(self, age: Duration) -> Self {
+        Self {
+            pages: SharedReads::new().with_cache(age),
+            room_pages: SharedReads::new().with_cache(age),
+            ..self
         }
     }
 
@@ -139,11 +163,49 @@ impl PresenceService {
     async fn page(&self, scope: &Scope, kind: Kind, cursor: &Cursor, size: PageSize) -> Result<KindPage, ApiError> {
         // A finished list still gives its exact count on every page.
         let size = if cursor.is_done() { 0 } else { size.get() };
-        let page = self.store.page(scope, kind, cursor.after(), size).await?;
+        let page = self.shared_page(scope, kind, cursor.after(), size).await?;
         Ok(KindPage {
             done: page.done || cursor.is_done(),
             ..page
         })
+    }
+}
+
+impl PresenceService {
+    /// A page (or, with `size` 0, the count) of one kind, through
+    /// [`SharedReads`]: callers asking the same at once share a read that
+    /// began after they asked.
+    async fn shared_page(
+        &self,
+        scope: &Scope,
+        kind: Kind,
+        after: Option<&str>,
+        size: usize,
+    ) -> Result<KindPage, StoreError> {
+        let key = (scope.clone(), kind, after.map(str::to_owned), size);
+        let (store, scope, after) = (self.store.clone(), scope.clone(), key.2.clone());
+        self.pages
+            .read(key, move || async move {
+                store.page(&scope, kind, after.as_deref(), size).await
+            })
+            .await
+    }
+
+    /// A page of rooms, shared the same way.
+    async fn shared_rooms(
+        &self,
+        order: RoomOrder,
+        after: Option<RoomsPageToken>,
+        size: usize,
+    ) -> Result<RoomsPage, StoreError> {
+        let key = (order, after.clone(), size);
+        let store = self.store.clone();
+        self.room_pages
+            .read(
+                key,
+                move || async move { store.rooms(order, after.as_ref(), size).await },
+            )
+            .await
     }
 }
 
@@ -321,8 +383,8 @@ impl presence_server::Presence for PresenceService {
         self.call("CountOnline", deadline, async {
             let scope = parse_scope(request.room)?;
             let (users, guests) = tokio::try_join!(
-                self.store.page(&scope, Kind::Users, None, 0),
-                self.store.page(&scope, Kind::Guests, None, 0),
+                self.shared_page(&scope, Kind::Users, None, 0),
+                self.shared_page(&scope, Kind::Guests, None, 0),
             )?;
             Ok(CountOnlineResponse {
                 user_count: users.total,
@@ -398,7 +460,7 @@ impl presence_server::Presence for PresenceService {
             let size = PageSize::coerce(request.limit);
             let token = RoomsPageToken::parse(&request.page_token, order == RoomOrder::MostOnline)
                 .map_err(|e| ApiError::invalid("page_token", e))?;
-            let page = self.store.rooms(order, token.as_ref(), size.get()).await?;
+            let page = self.shared_rooms(order, token, size.get()).await?;
             Ok(ListRoomsResponse {
                 rooms: page
                     .rooms

@@ -69,6 +69,13 @@ pub struct Settings {
     #[arg(long, env = "PRESENCE_LAST_SEEN_RETENTION", default_value = "7d", value_parser = parse_last_seen_retention)]
     pub last_seen_retention: Duration,
 
+    /// Lists, counts and lists of rooms may be answered from a read up to
+    /// this old (`0`, the default: never from the past; concurrent
+    /// identical lists still share one Redis read). For sites that draw a
+    /// "who's online" box on every page view.
+    #[arg(long, env = "PRESENCE_LIST_CACHE", default_value = "0", value_parser = parse_list_cache)]
+    pub list_cache: Duration,
+
     /// How often a WatchOnline stream gets the changes, at most.
     #[arg(long, env = "PRESENCE_WATCH_INTERVAL", default_value = "1s", value_parser = parse_watch_interval)]
     pub watch_interval: Duration,
@@ -166,6 +173,7 @@ impl Settings {
             redis_timeout: Duration::from_millis(500),
             last_seen_precision: Duration::from_secs(60),
             last_seen_retention: Duration::from_secs(7 * 24 * 3600),
+            list_cache: Duration::ZERO,
             watch_interval: Duration::from_secs(1),
             max_concurrent_streams: 256,
             max_connection_age: Duration::from_secs(600),
@@ -351,6 +359,16 @@ fn parse_last_seen_retention(text: &str) -> Result<Duration, String> {
     parse_duration_between(text, Duration::ZERO, Duration::from_secs(3650 * 24 * 3600))
 }
 
+/// `0` is off; otherwise from a millisecond (enough to fold a burst of
+/// identical lists into one read) to a minute (past that, "who's online"
+/// is no longer now).
+fn parse_list_cache(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration_between(text, Duration::from_millis(1), Duration::from_secs(60))
+}
+
 fn parse_watch_interval(text: &str) -> Result<Duration, String> {
     parse_duration_between(text, Duration::from_millis(10), Duration::from_secs(60))
 }
@@ -411,6 +429,16 @@ mod tests {
             settings.last_seen(),
             Some((Duration::from_secs(60), Duration::from_secs(7 * 24 * 3600)))
         );
+    }
+
+    #[test]
+    fn the_list_cache_is_off_unless_given_an_age_up_to_a_minute() {
+        assert_eq!(parse(&[]).expect("valid").list_cache, Duration::ZERO);
+        assert_eq!(parse(&["--list-cache", "0"]).expect("valid").list_cache, Duration::ZERO);
+        let settings = parse(&["--list-cache", "250ms"]).expect("valid");
+        assert_eq!(settings.list_cache, Duration::from_millis(250));
+        assert!(parse(&["--list-cache", "2m"]).is_err());
+        assert!(parse(&["--list-cache", "soon"]).is_err());
     }
 
     #[test]

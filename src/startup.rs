@@ -197,7 +197,8 @@ impl Application {
             .with_keepalive(Some(TCP_KEEPALIVE));
         let presence = PresenceServer::new(
             PresenceService::new(store.clone(), metrics.clone(), watches, outage, settings.redis_timeout)
-                .with_guests(security.guests.clone()),
+                .with_guests(security.guests.clone())
+                .with_list_cache(settings.list_cache),
         )
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         let drain = CancellationToken::new();

@@ -119,7 +119,7 @@ pub struct RoomCount {
 }
 
 /// The order of `ListRooms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RoomOrder {
     Name,
     MostOnline,

@@ -84,7 +84,7 @@ pub struct OnlinePageToken {
 }
 
 /// The walk of `ListRooms`, in one order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RoomsPageToken {
     /// By name: the last room returned.
     ByName { after: String },

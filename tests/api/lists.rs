@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use presence::proto::v1::{CheckOnlineRequest, LeaveRequest, ReportBatchRequest};
+use presence::proto::v1::{CheckOnlineRequest, LeaveRequest, ListRoomsRequest, ReportBatchRequest, RoomOrder};
 use tonic::Code;
 
 use crate::backends::{Backend, LONG, for_each_backend, start, start_with};
@@ -22,6 +22,8 @@ for_each_backend!(
     leave_takes_names_off_at_once_keeps_last_seen_and_a_later_report_lists_again,
     with_last_seen_off_check_online_gives_no_last_seen,
     last_seen_follows_reports_to_within_its_precision,
+    under_concurrent_lists_each_shows_every_report_that_returned_before_it_was_asked,
+    the_list_cache_answers_from_the_past_for_at_most_its_age,
 );
 
 async fn report_batch(app: &TestApp, users: &[String], guests: &[String]) {
@@ -389,4 +391,93 @@ async fn last_seen_older_than_the_retention_is_pruned() {
     .await;
     let checked = app.check("", &["old-0001"], &[]).await.expect("checked");
     assert_eq!(checked.users[0].last_seen, None);
+}
+
+/// Identical lists asked at once share Redis reads; none may answer from
+/// before its caller asked. Each caller reports its own name, then lists
+/// (and counts) while the others do the same: its name must be there.
+async fn under_concurrent_lists_each_shows_every_report_that_returned_before_it_was_asked(backend: Backend) {
+    let (app, _redis) = start(backend, LONG).await;
+    let app = std::sync::Arc::new(app);
+    let prefix = unique("crowd");
+    let callers: Vec<_> = (0..32)
+        .map(|caller| {
+            let app = app.clone();
+            let prefix = prefix.clone();
+            tokio::spawn(async move {
+                for round in 0..10 {
+                    let name = format!("{prefix}-{caller:02}-{round:02}");
+                    app.report_user(&name).await.expect("reported");
+                    let listed = app.list(1000).await.expect("listed");
+                    assert!(
+                        listed.users.contains(&name),
+                        "{name} was reported before the list was asked, but not listed"
+                    );
+                    let (users, _) = app.count("").await.expect("counted");
+                    assert!(
+                        users >= listed.user_count,
+                        "a count asked after a list saw fewer users ({users} < {})",
+                        listed.user_count
+                    );
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.expect("a caller panicked");
+    }
+    assert_eq!(app.count("").await.expect("counted").0, 320);
+}
+
+/// With `PRESENCE_LIST_CACHE`, lists, counts and lists of rooms may come
+/// from the past, but for no longer than the stated age.
+async fn the_list_cache_answers_from_the_past_for_at_most_its_age(backend: Backend) {
+    const AGE: Duration = Duration::from_secs(2);
+    let (app, _redis) = start_with(backend, |s| {
+        s.tick_interval = LONG;
+        s.list_cache = AGE;
+    })
+    .await;
+    let rooms = |app: &TestApp| {
+        let mut client = app.client.clone();
+        async move {
+            let request = ListRoomsRequest {
+                limit: 10,
+                page_token: String::new(),
+                order: RoomOrder::MostOnline.into(),
+            };
+            client
+                .list_rooms(request)
+                .await
+                .expect("rooms listed")
+                .into_inner()
+                .rooms
+                .len()
+        }
+    };
+    app.report_user("first").await.expect("reported");
+    assert_eq!(app.list(100).await.expect("listed").users, vec!["first".to_owned()]);
+    assert_eq!(app.count("").await.expect("counted").0, 1);
+    assert_eq!(rooms(&app).await, 0);
+    let cached_at = Instant::now();
+    app.report_user_in("second", "lobby").await.expect("reported");
+    let listed = app.list(100).await.expect("listed");
+    let counted = app.count("").await.expect("counted").0;
+    let room_count = rooms(&app).await;
+    if cached_at.elapsed() < AGE {
+        // Asked within the age: the cache answered, without "second".
+        assert_eq!(listed.users, vec!["first".to_owned()], "the list was not cached");
+        assert_eq!(counted, 1, "the count was not cached");
+        assert_eq!(room_count, 0, "the rooms were not cached");
+    }
+    eventually(
+        "the cached answers to pass their age",
+        AGE + Duration::from_secs(3),
+        || async {
+            let listed = app.list(100).await.expect("listed");
+            let counted = app.count("").await.expect("counted").0;
+            (listed.users.len() == 2 && counted == 2 && rooms(&app).await == 1).then_some(())
+        },
+    )
+    .await;
 }

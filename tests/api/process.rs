@@ -103,6 +103,7 @@ fn help_documents_every_setting_with_its_variable() {
         "PRESENCE_REDIS_TIMEOUT",
         "PRESENCE_SHUTDOWN_GRACE",
         "PRESENCE_LOG_FORMAT",
+        "PRESENCE_LIST_CACHE",
     ] {
         assert!(help.contains(variable), "{variable} missing from --help:\n{help}");
     }
