@@ -30,7 +30,8 @@ where server_max_ms is the longest any one command ran inside Redis while it
 watched (from SLOWLOG, which logs only commands slower than
 --slowlog-threshold-us, default 100 µs, so that a busy Redis does not flood
 it: 0 means none was slower) and server_max_by_command the same per command
-name. Every other client's commands count, as they stall the PING loop.
+name, server_max_args the slowest one's first arguments (for EVALSHA,
+the script's SHA and keys). Every other client's commands count, as they stall the PING loop.
 
 Only the standard library; only the loopback address given.
 
@@ -161,12 +162,15 @@ def watch(args, pinger, worker):
     seconds = time.perf_counter() - start
     timed_out = args.pid is not None and alive(args.pid)
     by_command = {}
+    slowest = None
     entries = call(worker, "SLOWLOG", "GET", "-1")
     for entry in entries:
         name = (entry[3][0] if entry[3] else "?").upper()
         if name in ("CONFIG", "SLOWLOG"):
             continue  # this tool's own
         by_command[name] = max(by_command.get(name, 0), entry[2])
+        if slowest is None or entry[2] > slowest[2]:
+            slowest = entry
     call(worker, "CONFIG", "SET", *[item for pair in saved.items() for item in pair])
     call(worker, "SLOWLOG", "RESET")
     top = max(by_command, key=by_command.get) if by_command else None
@@ -177,6 +181,8 @@ def watch(args, pinger, worker):
         "seconds": round(seconds, 3),
         "server_max_ms": round(by_command[top] / 1000, 3) if top else 0.0,
         "server_max_command": top,
+        # Its first arguments: which script (EVALSHA's SHA) and keys.
+        "server_max_args": [str(a)[:80] for a in slowest[3][:4]] if slowest else [],
         "server_max_by_command": {k: round(v / 1000, 3) for k, v in sorted(by_command.items())},
         "slowlog_threshold_us": args.slowlog_threshold_us,
         "slowlog_entries": len(entries),

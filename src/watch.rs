@@ -169,7 +169,12 @@ impl WatchHub {
         let mut ticks = tokio::time::interval(self.interval.min(self.keep_every));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_kept = marked.then(tokio::time::Instant::now);
-        let mut last_flush = tokio::time::Instant::now();
+        // The scheduled instant of the tick that last flushed (the first
+        // tick's, to begin with). Ticks, not the clock after a flush, are
+        // compared: a flush ends a little after its tick, so measured from
+        // its end the next tick would be a hair short of the interval, be
+        // skipped, and changes would come every other interval.
+        let mut last_flush: Option<tokio::time::Instant> = None;
         let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
@@ -214,7 +219,7 @@ impl WatchHub {
                         pending.gap = true;
                     }
                 },
-                _ = ticks.tick() => {
+                at = ticks.tick() => {
                     if following.is_none() {
                         following = self.store.follow(&scope).await.ok();
                         if following.is_some() {
@@ -234,9 +239,13 @@ impl WatchHub {
                         }
                         last_kept = Some(tokio::time::Instant::now());
                     }
-                    if last_flush.elapsed() >= self.interval {
-                        self.flush(&scope, &feed, &mut pending).await;
-                        last_flush = tokio::time::Instant::now();
+                    match last_flush {
+                        Some(flushed) if at.saturating_duration_since(flushed) < self.interval => {}
+                        Some(_) => {
+                            self.flush(&scope, &feed, &mut pending).await;
+                            last_flush = Some(at);
+                        }
+                        None => last_flush = Some(at),
                     }
                     if feed.changes.receiver_count() > 0 {
                         idle_since = None;

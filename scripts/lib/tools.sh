@@ -77,6 +77,26 @@ ensure_grpcurl() {
     "$GRPCURL" -version >/dev/null 2>&1
 }
 
+# The example clients' Python venv (grpcio and the rest of
+# examples/python/requirements.txt), remade when the requirements change:
+# scripts/test-clients runs the clients with it, bench/rooms runs
+# bench/memory.py with it. Sets and exports CLIENTS_PY, its python.
+ensure_clients_venv() {
+    local cache="${PRESENCE_TOOLS_CACHE:-$PRESENCE_TOOLS}" root venv want
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+    venv="$cache/venv-clients"
+    want="$(sha256sum "$root/examples/python/requirements.txt" | cut -d' ' -f1)"
+    if [[ ! -x $venv/bin/python || $(cat "$venv/.requirements.sha256" 2>/dev/null) != "$want" ]]; then
+        echo "installing Python packages into $venv"
+        ensure_python_venv
+        python3 -m venv --clear "$venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$cache/pip" \
+            -r "$root/examples/python/requirements.txt"
+        echo "$want" >"$venv/.requirements.sha256"
+    fi
+    export CLIENTS_PY="$venv/bin/python"
+}
+
 # The private-Redis launcher's shell helpers: start_private_redis, free_ports.
 # shellcheck source=scripts/lib/redis.sh
 source "$(dirname "${BASH_SOURCE[0]}")/redis.sh"

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use presence::proto::v1::{
-    OnlineChanges, OnlineSnapshot, ReportBatchRequest, WatchOnlineRequest, WatchOnlineResponse,
+    OnlineChanges, OnlineSnapshot, ReportBatchRequest, ReportUserRequest, WatchOnlineRequest, WatchOnlineResponse,
     watch_online_response::Event,
 };
 use tonic::{Code, Streaming};
@@ -19,6 +19,7 @@ for_each_backend!(
     a_room_watcher_hears_only_its_room,
     who_ages_out_at_a_rotation_is_announced_as_left,
     changes_come_at_most_once_per_watch_interval,
+    changes_come_every_watch_interval_while_users_keep_joining,
     a_watcher_that_falls_behind_gets_a_resync_snapshot,
     at_shutdown_watch_streams_end_with_unavailable,
 );
@@ -164,6 +165,46 @@ async fn changes_come_at_most_once_per_watch_interval(backend: Backend) {
     all.sort();
     let expected: Vec<String> = (0..40).map(|i| format!("joiner-{i:02}")).collect();
     assert_eq!(all, expected, "each join once");
+}
+
+/// Each interval's joins come at the end of that interval, not every other
+/// one: a flush ends a little after its tick, and measured from there the
+/// next tick fell a hair short of the interval and was skipped.
+async fn changes_come_every_watch_interval_while_users_keep_joining(backend: Backend) {
+    let interval = Duration::from_millis(250);
+    let (app, _redis) = start_with(backend, |s| s.watch_interval = interval).await;
+    let mut stream = watch(&app, "").await;
+    snapshot(&mut stream).await;
+    let mut client = app.client.clone();
+    let joiner = tokio::spawn(async move {
+        for i in 0..60 {
+            let request = ReportUserRequest {
+                username: format!("steady-{i:02}"),
+                room: String::new(),
+            };
+            client.report_user(request).await.expect("reported");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut arrivals = Vec::new();
+    let mut joined = 0;
+    while joined < 60 {
+        match next(&mut stream).await {
+            Event::Changes(changes) => {
+                joined += changes.joined_users.len();
+                arrivals.push(Instant::now());
+            }
+            Event::Snapshot(snapshot) => panic!("an unexpected snapshot: {snapshot:?}"),
+        }
+    }
+    joiner.await.expect("the joiner ran");
+    let mut gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    assert!(
+        median < interval * 3 / 2,
+        "changes every {median:?} (median) at an interval of {interval:?}: {gaps:?}"
+    );
 }
 
 async fn a_watcher_that_falls_behind_gets_a_resync_snapshot(backend: Backend) {
