@@ -127,6 +127,25 @@ async fn after_flushall_a_reported_name_is_listed_again_within_2_seconds() {
     );
 }
 
+/// A ReportUser ("holder") sent to a service whose Redis is frozen, once the
+/// service has started it: it holds whatever slot it took until Redis
+/// answers.
+async fn report_held_by_frozen_redis(
+    app: &Binary,
+) -> tokio::task::JoinHandle<Result<tonic::Response<presence::proto::v1::ReportUserResponse>, tonic::Status>> {
+    let holder = {
+        let mut client = app.client.clone();
+        tokio::spawn(async move { client.report_user(report("holder")).await })
+    };
+    let started =
+        r#"grpc_server_started_total{grpc_type="unary",grpc_service="presence.v1.Presence",grpc_method="ReportUser"}"#;
+    eventually("the holder to be in flight", Duration::from_secs(3), || async {
+        (app.metric(started).await >= 1.0).then_some(())
+    })
+    .await;
+    holder
+}
+
 /// The report queue is bounded: with Redis stalled, what does not fit is
 /// refused at once as overloaded; a report whose caller gave up never
 /// reaches Redis; and neither counts as a Redis failure.
@@ -141,16 +160,7 @@ async fn overload_is_refused_at_once_and_abandoned_work_never_reaches_redis() {
     redis.pause();
     let stalled = Instant::now();
     // One call holds the only connection's slot, stuck on the frozen Redis…
-    let holder = {
-        let mut client = app.client.clone();
-        tokio::spawn(async move { client.report_user(report("holder")).await })
-    };
-    let started =
-        r#"grpc_server_started_total{grpc_type="unary",grpc_service="presence.v1.Presence",grpc_method="ReportUser"}"#;
-    eventually("the holder to be in flight", Duration::from_secs(3), || async {
-        (app.metric(started).await >= 1.0).then_some(())
-    })
-    .await;
+    let holder = report_held_by_frozen_redis(&app).await;
     // …so a caller that gives up waits in the queue, and goes no further.
     let abandoned = unique("abandoned");
     let mut request = tonic::Request::new(report(&abandoned));
@@ -249,16 +259,7 @@ async fn past_the_most_calls_in_flight_a_call_is_refused_at_once_as_overloaded()
     .await;
     redis.pause();
     // The one call allowed in flight, stuck on the frozen Redis…
-    let holder = {
-        let mut client = app.client.clone();
-        tokio::spawn(async move { client.report_user(report("holder")).await })
-    };
-    let started =
-        r#"grpc_server_started_total{grpc_type="unary",grpc_service="presence.v1.Presence",grpc_method="ReportUser"}"#;
-    eventually("the holder to be in flight", Duration::from_secs(3), || async {
-        (app.metric(started).await >= 1.0).then_some(())
-    })
-    .await;
+    let holder = report_held_by_frozen_redis(&app).await;
     // …so the next one is refused as overloaded, not left to wait on Redis.
     let status = app
         .client
