@@ -16,6 +16,7 @@ in one room adds to being online on the site). It stops what it started."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -84,8 +85,13 @@ def report_all(stub, calls) -> None:
             future.result()
 
 
-def measure(binary: str, people: int, rooms: int, last_seen: bool) -> dict:
-    with tempfile.TemporaryDirectory(prefix="presence-memory.") as work:
+@contextlib.contextmanager
+def service_on_private_redis(binary: str, prefix: str, extra_env: dict[str, str] | None = None):
+    """A private redis-server and the service on free loopback ports, the
+    service SERVING; yields (service process, redis process, redis port,
+    gRPC target), and stops both on the way out. Shared by the bench
+    scripts that drive the service from Python."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
         redis, announced = private_redis.start(dir=Path(work) / "redis")
         presence = None
         try:
@@ -97,44 +103,48 @@ def measure(binary: str, people: int, rooms: int, last_seen: bool) -> dict:
                 PRESENCE_LISTEN=target,
                 PRESENCE_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
                 PRESENCE_TICK_INTERVAL="1h",
+                **(extra_env or {}),
             )
-            if not last_seen:
-                env["PRESENCE_LAST_SEEN_RETENTION"] = "0"
             with open(Path(work) / "presence.log", "wb") as log:
                 presence = subprocess.Popen([binary], env=env, stdout=log, stderr=subprocess.STDOUT)
             wait_serving(target, presence)
-            port = announced["port"]
-            names = [f"pop-{i:08}" for i in range(people)]
-            with grpc.insecure_channel(target) as channel:
-                stub = presence_pb2_grpc.PresenceStub(channel)
-                before = redis_info_memory(port)
-                report_all(stub, [(names[i : i + BATCH], "") for i in range(0, people, BATCH)])
-                online = redis_info_memory(port)
-                by_room = [[] for _ in range(rooms)]
-                for i, name in enumerate(names):
-                    by_room[i % rooms].append(name)
-                calls = [
-                    (members[i : i + BATCH], f"room-{r:04}")
-                    for r, members in enumerate(by_room)
-                    for i in range(0, len(members), BATCH)
-                ]
-                report_all(stub, calls)
-                in_rooms = redis_info_memory(port)
-                count = stub.CountOnline(presence_pb2.CountOnlineRequest(), timeout=10).user_count
-                if count != people:
-                    raise RuntimeError(f"{count} users online, not {people}")
-            return {
-                "last_seen": last_seen,
-                "people": people,
-                "rooms": rooms,
-                "bytes_per_online_user": round((online - before) / people),
-                "bytes_per_room_membership": round((in_rooms - online) / people),
-            }
+            yield presence, redis, announced["port"], target
         finally:
             for process in (presence, redis):
                 if process is not None and process.poll() is None:
                     process.terminate()
                     process.wait(timeout=15)
+
+
+def measure(binary: str, people: int, rooms: int, last_seen: bool) -> dict:
+    extra_env = {} if last_seen else {"PRESENCE_LAST_SEEN_RETENTION": "0"}
+    with service_on_private_redis(binary, "presence-memory.", extra_env) as (_, _, port, target):
+        names = [f"pop-{i:08}" for i in range(people)]
+        with grpc.insecure_channel(target) as channel:
+            stub = presence_pb2_grpc.PresenceStub(channel)
+            before = redis_info_memory(port)
+            report_all(stub, [(names[i : i + BATCH], "") for i in range(0, people, BATCH)])
+            online = redis_info_memory(port)
+            by_room = [[] for _ in range(rooms)]
+            for i, name in enumerate(names):
+                by_room[i % rooms].append(name)
+            calls = [
+                (members[i : i + BATCH], f"room-{r:04}")
+                for r, members in enumerate(by_room)
+                for i in range(0, len(members), BATCH)
+            ]
+            report_all(stub, calls)
+            in_rooms = redis_info_memory(port)
+            count = stub.CountOnline(presence_pb2.CountOnlineRequest(), timeout=10).user_count
+            if count != people:
+                raise RuntimeError(f"{count} users online, not {people}")
+        return {
+            "last_seen": last_seen,
+            "people": people,
+            "rooms": rooms,
+            "bytes_per_online_user": round((online - before) / people),
+            "bytes_per_room_membership": round((in_rooms - online) / people),
+        }
 
 
 def main() -> int:

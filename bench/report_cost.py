@@ -18,17 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from memory import ROOT, wait_serving  # also puts the stubs and the launcher on the path
-
-import private_redis  # noqa: E402
+from memory import ROOT, service_on_private_redis  # also puts the stubs and the launcher on the path
 
 import grpc  # noqa: E402
 from presence.v1 import presence_pb2, presence_pb2_grpc  # noqa: E402
@@ -54,56 +50,36 @@ def main() -> int:
     parser.add_argument("--rooms", type=int, default=1000)
     parser.add_argument("--binary", default=str(ROOT / "target" / "release" / "presence"))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="presence-cost.") as work:
-        redis, announced = private_redis.start(dir=Path(work) / "redis")
-        presence = None
-        try:
-            grpc_port, metrics_port = private_redis.free_ports(2)
-            target = f"127.0.0.1:{grpc_port}"
-            env = dict(
-                os.environ,
-                PRESENCE_REDIS_URL=announced["url"],
-                PRESENCE_LISTEN=target,
-                PRESENCE_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
-                PRESENCE_TICK_INTERVAL="1h",
-            )
-            with open(Path(work) / "presence.log", "wb") as log:
-                presence = subprocess.Popen([args.binary], env=env, stdout=log, stderr=subprocess.STDOUT)
-            wait_serving(target, presence)
-            with grpc.insecure_channel(target) as channel:
-                stub = presence_pb2_grpc.PresenceStub(channel)
-                for kind in ("site", "room"):
-                    run = uuid.uuid4().hex[:8]
-                    requests = [
-                        presence_pb2.ReportUserRequest(
-                            username=f"cost-{run}-{i:08}",
-                            room=f"room-{i % args.rooms:04}" if kind == "room" else "",
-                        )
-                        for i in range(args.calls)
-                    ]
-                    send(stub, requests[: args.calls // 10])  # warm-up: rooms exist, scripts loaded
-                    timed = requests[args.calls // 10 :]
-                    before = (cpu_seconds(presence.pid), cpu_seconds(redis.pid), time.monotonic())
-                    send(stub, timed)
-                    after = (cpu_seconds(presence.pid), cpu_seconds(redis.pid), time.monotonic())
-                    calls = len(timed)
-                    print(
-                        json.dumps(
-                            {
-                                "report": kind,
-                                "calls": calls,
-                                "calls_per_sec": round(calls / (after[2] - before[2])),
-                                "service_cpu_us_per_call": round((after[0] - before[0]) / calls * 1e6, 1),
-                                "redis_cpu_us_per_call": round((after[1] - before[1]) / calls * 1e6, 1),
-                            }
-                        ),
-                        flush=True,
+    with service_on_private_redis(args.binary, "presence-cost.") as (presence, redis, _, target):
+        with grpc.insecure_channel(target) as channel:
+            stub = presence_pb2_grpc.PresenceStub(channel)
+            for kind in ("site", "room"):
+                run = uuid.uuid4().hex[:8]
+                requests = [
+                    presence_pb2.ReportUserRequest(
+                        username=f"cost-{run}-{i:08}",
+                        room=f"room-{i % args.rooms:04}" if kind == "room" else "",
                     )
-        finally:
-            for process in (presence, redis):
-                if process is not None and process.poll() is None:
-                    process.terminate()
-                    process.wait(timeout=15)
+                    for i in range(args.calls)
+                ]
+                send(stub, requests[: args.calls // 10])  # warm-up: rooms exist, scripts loaded
+                timed = requests[args.calls // 10 :]
+                before = (cpu_seconds(presence.pid), cpu_seconds(redis.pid), time.monotonic())
+                send(stub, timed)
+                after = (cpu_seconds(presence.pid), cpu_seconds(redis.pid), time.monotonic())
+                calls = len(timed)
+                print(
+                    json.dumps(
+                        {
+                            "report": kind,
+                            "calls": calls,
+                            "calls_per_sec": round(calls / (after[2] - before[2])),
+                            "service_cpu_us_per_call": round((after[0] - before[0]) / calls * 1e6, 1),
+                            "redis_cpu_us_per_call": round((after[1] - before[1]) / calls * 1e6, 1),
+                        }
+                    ),
+                    flush=True,
+                )
     return 0
 
 

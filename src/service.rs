@@ -197,9 +197,7 @@ impl PresenceService {
             ..page
         })
     }
-}
 
-impl PresenceService {
     /// A page (or, with `size` 0, the count) of one kind, through
     /// [`SharedReads`]: callers asking the same at once share a read that
     /// began after they asked.

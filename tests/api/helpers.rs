@@ -244,19 +244,26 @@ impl Api {
 
     /// The metrics endpoint's text.
     pub async fn scrape(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics_address)
-            .await
-            .expect("metrics port open");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("request sent");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("response read");
+        let response = scrape_metrics(self.metrics_address).await;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         response
     }
+}
+
+/// The whole HTTP response of `GET /metrics` at `address` (`host:port`),
+/// over a plain socket: the tests need no HTTP client for one request.
+pub async fn scrape_metrics(address: impl tokio::net::ToSocketAddrs) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("metrics port open");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request sent");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response read");
+    response
 }
 
 impl TestApp {

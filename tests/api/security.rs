@@ -67,18 +67,8 @@ impl Server {
     }
 
     async fn scrape(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let address = self.metrics.trim_start_matches("http://").trim_end_matches("/metrics");
-        let mut stream = tokio::net::TcpStream::connect(address)
-            .await
-            .expect("metrics port open");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("request sent");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("response read");
-        response
+        crate::helpers::scrape_metrics(address).await
     }
 }
 
