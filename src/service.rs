@@ -7,19 +7,11 @@
 //! ends the call with `DEADLINE_EXCEEDED` by that deadline, and store
 //! failures are logged once per outage.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use futures_util::Stream;
 use prost_types::Timestamp;
-use tokio::time::Instant;
+use tokio::{sync::Semaphore, time::Instant};
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
 use crate::domain::{
@@ -68,9 +60,8 @@ pub struct PresenceService {
     pages: SharedReads<PageKey, KindPage>,
     /// The same for pages of rooms.
     room_pages: SharedReads<RoomsKey, RoomsPage>,
-    /// Unary calls being worked on now, and the most allowed.
-    in_flight: Arc<AtomicUsize>,
-    max_in_flight: usize,
+    /// One permit per unary call being worked on; none left: refuse.
+    in_flight: Arc<Semaphore>,
 }
 
 /// One page of one kind: the scope, the kind, where it starts, its size
@@ -97,8 +88,7 @@ impl PresenceService {
             guests: GuestPrivacy::Plain,
             pages: SharedReads::new(),
             room_pages: SharedReads::new(),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            max_in_flight: usize::MAX,
+            in_flight: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
         }
     }
 
@@ -109,7 +99,7 @@ impl PresenceService {
     /// clients to back off or go to another replica.
     pub fn with_max_in_flight(self, max: usize) -> Self {
         Self {
-            max_in_flight: max.max(1),
+            in_flight: Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS))),
             ..self
         }
     }
@@ -139,7 +129,7 @@ impl PresenceService {
         call: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<Response<T>, Status> {
         let mut observed = Observed::start(&self.metrics, CallType::Unary, method);
-        let admitted = InFlight::enter(&self.in_flight, self.max_in_flight);
+        let admitted = self.in_flight.clone().try_acquire_owned().ok();
         let result = match (&admitted, deadline) {
             (None, _) => Err(ApiError::Overloaded),
             (Some(_), Some(deadline)) => match tokio::time::timeout_at(deadline, call).await {
@@ -232,25 +222,6 @@ impl PresenceService {
                 move || async move { store.rooms(order, after.as_ref(), size).await },
             )
             .await
-    }
-}
-
-/// One admitted call: counted in flight until dropped.
-struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn enter(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        if count.fetch_add(1, Ordering::AcqRel) >= max {
-            count.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Self(count.clone()))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
