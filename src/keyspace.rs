@@ -374,12 +374,13 @@ end
 -- interval, `old` leaves and `current` becomes `old`; after two or more, both
 -- leave. `k` holds the kind's keys; `keep` (ms, 0 for none) is how long
 -- after the interval's start its keys may live without another report.
--- Returns the interval's start, and 1 if this call rotated.
+-- Returns the interval's start, 1 if this call rotated, and the interval
+-- key's state: 0 absent (nothing here), 1 already current, 2 written now.
 local function catch_up(k, period, now, keep)
   local start = now - (now % period)
   local since = tonumber(redis.call('GET', k.interval))
   if since ~= nil and since >= start then
-    return since, 0
+    return since, 0, 1
   end
   local rotated = 0
   if since ~= nil then
@@ -407,16 +408,16 @@ local function catch_up(k, period, now, keep)
       end
     end
     rotated = 1
-  elseif redis.call('EXISTS', k.current) == 0 and redis.call('EXISTS', k.old) == 0 then
+  elseif redis.call('EXISTS', k.current, k.old) == 0 then
     -- Nothing here: reading an empty scope must not create keys.
-    return start, 0
+    return start, 0, 0
   end
   if keep > 0 then
     redis.call('SET', k.interval, start, 'PXAT', start + keep)
   else
     redis.call('SET', k.interval, start)
   end
-  return start, rotated
+  return start, rotated, 2
 end
 
 -- Announces names on the kind's channel, with the next sequence number.
@@ -430,9 +431,10 @@ end
 
 -- Adds names to `current` and takes them out of `old`. While someone
 -- watches, it also finds which names are newly listed, and announces them.
-local function add(k, kind, names, keep_until)
+-- Returns how many names were not in `current` before.
+local function add(k, kind, names)
   if #names == 0 then
-    return
+    return 0
   end
   if redis.call('EXISTS', k.watched) == 0 then
     local members = {}
@@ -440,25 +442,25 @@ local function add(k, kind, names, keep_until)
       members[2 * i - 1] = 0
       members[2 * i] = name
     end
-    redis.call('ZADD', k.current, unpack(members))
+    local added = redis.call('ZADD', k.current, unpack(members))
     redis.call('ZREM', k.old, unpack(names))
-  else
-    local joined = {}
-    for _, name in ipairs(names) do
-      if not redis.call('ZSCORE', k.current, name) then
-        -- Out of `leaving` too: back before its leave was announced, so
-        -- it never left as far as watchers know.
-        if redis.call('ZREM', k.old, name) == 0 and redis.call('ZREM', k.leaving, name) == 0 then
-          joined[#joined + 1] = name
-        end
-        redis.call('ZADD', k.current, 0, name)
+    return added
+  end
+  local joined = {}
+  local added = 0
+  for _, name in ipairs(names) do
+    if not redis.call('ZSCORE', k.current, name) then
+      -- Out of `leaving` too: back before its leave was announced, so
+      -- it never left as far as watchers know.
+      if redis.call('ZREM', k.old, name) == 0 and redis.call('ZREM', k.leaving, name) == 0 then
+        joined[#joined + 1] = name
       end
+      redis.call('ZADD', k.current, 0, name)
+      added = added + 1
     end
-    announce(k, 'joined', kind, joined)
   end
-  if keep_until > 0 then
-    redis.call('PEXPIREAT', k.current, keep_until)
-  end
+  announce(k, 'joined', kind, joined)
+  return added
 end
 
 -- Takes names off the lists; announces those that were listed.
@@ -502,14 +504,15 @@ end
 
 -- A room script's common start: both kinds' keys (KEYS: users' 7, guests'
 -- 7, version), brought into the current interval, and the names of ARGV
--- (interval ms, keep ms, number of users, the users, the guests).
+-- (interval ms, keep ms, number of users, the users, the guests). Also
+-- returns each kind's interval key state (see `catch_up`).
 local function room_args()
   local users = kind_at(KEYS, 1, false)
   local guests = kind_at(KEYS, 8, false)
   local period, keep, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
   local now = now_ms()
-  local start = catch_up(users, period, now, keep)
-  catch_up(guests, period, now, keep)
+  local start, _, users_state = catch_up(users, period, now, keep)
+  local _, _, guests_state = catch_up(guests, period, now, keep)
   local user_names, guest_names = {}, {}
   for i = 4, 3 + n do
     user_names[#user_names + 1] = ARGV[i]
@@ -517,7 +520,7 @@ local function room_args()
   for i = 4 + n, #ARGV do
     guest_names[#guest_names + 1] = ARGV[i]
   end
-  return users, guests, start, keep, user_names, guest_names
+  return users, guests, start, keep, user_names, guest_names, {users_state, guests_state}
 end
 "#
     };
@@ -550,7 +553,7 @@ for i = 1, n do
     memberships[#memberships + 1] = name .. '\0' .. room
   end
 end
-add(k, kind, names, 0)
+add(k, kind, names)
 if #memberships > 0 then
   local members = {}
   for i, m in ipairs(memberships) do
@@ -577,7 +580,10 @@ return {start, rotated}
 
 /// Reports names into one room, both kinds at once (they share the room's
 /// slot). Room keys expire on their own `keep` ms after the interval's
-/// start, so a room nobody reports into leaves nothing behind.
+/// start, so a room nobody reports into leaves nothing behind. Every key's
+/// expiry is set when the key is made, not again on each report: a room
+/// report is the commonest script there is, and each Redis call it makes
+/// costs about a microsecond.
 ///
 /// `KEYS`: users' 7 keys, guests' 7 keys, version.
 /// `ARGV`: interval ms, keep ms, number of users, the users, the guests.
@@ -585,17 +591,41 @@ return {start, rotated}
 pub const ROOM_REPORT_SCRIPT: &str = concat!(
     prelude!(),
     r#"
-local users, guests, start, keep, user_names, guest_names = room_args()
-add(users, 'users', user_names, start + keep)
-add(guests, 'guests', guest_names, start + keep)
-for _, k in ipairs({users, guests}) do
-  if redis.call('EXISTS', k.current) == 1 then
-    redis.call('SET', k.interval, start, 'PXAT', start + keep)
+local users, guests, start, keep, user_names, guest_names, states = room_args()
+local expires = start + keep
+local kinds = {{users, 'users', user_names}, {guests, 'guests', guest_names}}
+local counts = {}
+-- The version must outlive every key of the room: it is renewed whenever
+-- one is made or moved on.
+local renew = states[1] == 2 or states[2] == 2
+for i, kind in ipairs(kinds) do
+  local k = kind[1]
+  local added = add(k, kind[2], kind[3])
+  -- A kind with no keys and no names here (guests, in most rooms) has
+  -- nothing to count.
+  local current = 0
+  if states[i] ~= 0 or added > 0 then
+    current = redis.call('ZCARD', k.current)
+  end
+  if added > 0 and added == current then
+    -- `current` was made just now.
+    redis.call('PEXPIREAT', k.current, expires)
+    renew = true
+  end
+  if states[i] == 0 and current > 0 then
+    redis.call('SET', k.interval, start, 'PXAT', expires)
+    renew = true
+  end
+  counts[i] = current
+  if states[i] ~= 0 then
+    counts[i] = current + redis.call('ZCARD', k.old)
   end
 end
 local version = redis.call('INCR', KEYS[15])
-redis.call('PEXPIREAT', KEYS[15], start + keep)
-return {start, count(users), count(guests), version}
+if renew or version == 1 then
+  redis.call('PEXPIREAT', KEYS[15], expires)
+end
+return {start, counts[1], counts[2], version}
 "#
 );
 
@@ -937,7 +967,10 @@ for i = 2, #ARGV, 4 do
       redis.call('ZREM', KEYS[3], room)
       redis.call('HDEL', KEYS[4], room)
     else
-      redis.call('ZADD', KEYS[1], 0, room)
+      if stored == -1 then
+        -- New in the index (it enters and leaves all four keys at once).
+        redis.call('ZADD', KEYS[1], 0, room)
+      end
       -- Minus the count: ascending order is busiest first, ties by name.
       redis.call('ZADD', KEYS[2], -users, room)
       redis.call('ZADD', KEYS[3], guests, room)

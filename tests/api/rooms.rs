@@ -309,3 +309,48 @@ async fn a_room_nobody_reported_into_for_two_intervals_has_no_keys_left() {
         .expect("ZRANGE");
     assert!(index.is_empty(), "the index forgets it too: {index:?}");
 }
+
+/// A room's version (which orders its index updates) outlives every other
+/// key of the room: were it to expire first, the room's next report would
+/// start it again at 1, and the index would ignore the room's counts as
+/// older than what it holds. The case that matters: the room is rotated by
+/// a read, then reported into, which makes a new `current`.
+#[tokio::test]
+async fn a_rooms_version_outlives_its_other_keys_across_a_rotation() {
+    let interval = Duration::from_millis(1000);
+    let (app, redis) = start(Backend::Redis, interval).await;
+    let redis = redis.expect("a Redis");
+    let mut direct = redis.connection().expect("a direct connection");
+    let key = |suffix: &str| format!("{{presence:room:hall}}:{suffix}");
+    let started_at = |direct: &mut ::redis::Connection| -> Option<u64> {
+        ::redis::cmd("GET")
+            .arg(key("users:interval"))
+            .query(direct)
+            .expect("GET")
+    };
+    app.report_user_in("ada", "hall").await.expect("reported");
+    let first = started_at(&mut direct).expect("the room's interval is set by its first report");
+    // A read of the room in the next interval rotates it.
+    let deadline = Instant::now() + 3 * interval;
+    while started_at(&mut direct) == Some(first) {
+        assert!(Instant::now() < deadline, "the room never rotated");
+        app.everyone_in("hall", 10).await.expect("listing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.report_user_in("bob", "hall").await.expect("reported");
+    let pttl = |direct: &mut ::redis::Connection, suffix: &str| -> i64 {
+        ::redis::cmd("PTTL").arg(key(suffix)).query(direct).expect("PTTL")
+    };
+    let version = pttl(&mut direct, "version");
+    for other in ["users:current", "users:old", "users:interval"] {
+        let ttl = pttl(&mut direct, other);
+        assert!(ttl > 0, "{other} expires on its own (PTTL {ttl})");
+        assert!(
+            version >= ttl - 50,
+            "the version (PTTL {version} ms) expires before {other} (PTTL {ttl} ms)"
+        );
+    }
+    let listed = rooms(&app, 1, 10, "").await.rooms;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0].name.as_str(), listed[0].user_count), ("hall", 2));
+}
