@@ -43,6 +43,7 @@
 mod ageing;
 mod auth;
 pub mod domain;
+pub mod encoded;
 mod error;
 #[cfg(test)]
 mod fuzz;

@@ -20,11 +20,12 @@ use crate::domain::{
 use crate::error::{ApiError, OutageLog};
 use crate::guests::GuestPrivacy;
 use crate::metrics::{CallType, Metrics};
+use crate::proto::server::{WatchOnlineResponse, presence_server};
 use crate::proto::v1::{
     CheckOnlineRequest, CheckOnlineResponse, CountOnlineRequest, CountOnlineResponse, GuestStatus, LeaveRequest,
     LeaveResponse, ListOnlineRequest, ListOnlineResponse, ListRoomsRequest, ListRoomsResponse, ReportBatchRequest,
     ReportBatchResponse, ReportGuestRequest, ReportGuestResponse, ReportUserRequest, ReportUserResponse, Room,
-    UserStatus, WatchOnlineRequest, WatchOnlineResponse, presence_server,
+    UserStatus, WatchOnlineRequest,
 };
 use crate::shared_reads::SharedReads;
 use crate::store::{Store, StoreError};
