@@ -32,7 +32,7 @@ use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use crate::metrics::{CallType, Metrics};
-use crate::proto::server::presence_server::SERVICE_NAME as PRESENCE;
+use crate::proto::v1::presence_server::SERVICE_NAME as PRESENCE;
 use crate::reload::{self, Snapshot};
 use crate::settings::SettingError;
 

@@ -43,7 +43,6 @@
 mod ageing;
 mod auth;
 pub mod domain;
-pub mod encoded;
 mod error;
 #[cfg(test)]
 mod fuzz;

@@ -3,16 +3,9 @@
 
 #![allow(clippy::all, missing_docs)]
 
-/// `presence.v1`: the messages and the client.
+/// `presence.v1`: the service and its messages.
 pub mod v1 {
     tonic::include_proto!("presence.v1");
-}
-
-/// The server of `presence.v1`. Its `WatchOnlineResponse` carries changes
-/// encoded once per flush and shared by every watcher
-/// ([`crate::encoded::EncodedChanges`]); every other message is `v1`'s.
-pub mod server {
-    include!(concat!(env!("OUT_DIR"), "/server/presence.v1.rs"));
 }
 
 /// The encoded file descriptor set of `proto/`, served by reflection.

@@ -20,12 +20,11 @@ use crate::domain::{
 use crate::error::{ApiError, OutageLog};
 use crate::guests::GuestPrivacy;
 use crate::metrics::{CallType, Metrics};
-use crate::proto::server::{WatchOnlineResponse, presence_server};
 use crate::proto::v1::{
     CheckOnlineRequest, CheckOnlineResponse, CountOnlineRequest, CountOnlineResponse, GuestStatus, LeaveRequest,
     LeaveResponse, ListOnlineRequest, ListOnlineResponse, ListRoomsRequest, ListRoomsResponse, ReportBatchRequest,
     ReportBatchResponse, ReportGuestRequest, ReportGuestResponse, ReportUserRequest, ReportUserResponse, Room,
-    UserStatus, WatchOnlineRequest,
+    UserStatus, WatchOnlineRequest, WatchOnlineResponse, presence_server,
 };
 use crate::shared_reads::SharedReads;
 use crate::store::{Store, StoreError};

@@ -26,11 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 use crate::domain::{Counts, Kind, Scope};
-use crate::encoded::EncodedChanges;
 use crate::error::ApiError;
 use crate::metrics::{CallType, Metrics};
-use crate::proto::server::{WatchOnlineResponse, presence_server, watch_online_response};
-use crate::proto::v1::{OnlineChanges, OnlineSnapshot};
+use crate::proto::v1::{OnlineChanges, OnlineSnapshot, WatchOnlineResponse, presence_server, watch_online_response};
 use crate::store::{Change, SNAPSHOT_NAMES, Store, StoreError};
 
 /// Flushed messages a watcher may be behind before it must resync.
@@ -70,13 +68,12 @@ struct Feed {
 /// What a feed publishes at each flush.
 enum Flush {
     /// Changes with sequence numbers after `from` and up to `to`, by kind;
-    /// `message` is the diff of all of them (encoded once for every
-    /// watcher; none if they cancel out), `raw` the changes themselves (for
-    /// a watcher whose snapshot already holds some of them).
+    /// `message` is the diff of all of them, `raw` the changes themselves
+    /// (for a watcher whose snapshot already holds some of them).
     Changes {
         from: [u64; 2],
         to: [u64; 2],
-        message: Option<WatchOnlineResponse>,
+        message: WatchOnlineResponse,
         raw: Vec<Change>,
         counts: Counts,
     },
@@ -382,8 +379,8 @@ impl Pending {
 
 /// The net effect of changes after the sequence numbers `after`: a name
 /// that joined and left (or left and came back) within them is not
-/// mentioned. None if nothing is left to say.
-fn changes_message(raw: &[Change], after: [u64; 2], counts: Counts) -> Option<WatchOnlineResponse> {
+/// mentioned.
+fn changes_message(raw: &[Change], after: [u64; 2], counts: Counts) -> WatchOnlineResponse {
     let mut net: [HashMap<&str, bool>; 2] = Default::default();
     for change in raw {
         let Change::Names {
@@ -421,21 +418,28 @@ fn changes_message(raw: &[Change], after: [u64; 2], counts: Counts) -> Option<Wa
         names.sort();
         names
     };
-    let changes = OnlineChanges {
-        joined_users: split(&net[0], true),
-        left_users: split(&net[0], false),
-        joined_guests: split(&net[1], true),
-        left_guests: split(&net[1], false),
-        user_count: counts.users,
-        guest_count: counts.guests,
-    };
-    let nothing = changes.joined_users.is_empty()
-        && changes.left_users.is_empty()
-        && changes.joined_guests.is_empty()
-        && changes.left_guests.is_empty();
-    (!nothing).then(|| WatchOnlineResponse {
-        event: Some(watch_online_response::Event::Changes(EncodedChanges::new(&changes))),
-    })
+    WatchOnlineResponse {
+        event: Some(watch_online_response::Event::Changes(OnlineChanges {
+            joined_users: split(&net[0], true),
+            left_users: split(&net[0], false),
+            joined_guests: split(&net[1], true),
+            left_guests: split(&net[1], false),
+            user_count: counts.users,
+            guest_count: counts.guests,
+        })),
+    }
+}
+
+fn is_empty(message: &WatchOnlineResponse) -> bool {
+    match &message.event {
+        Some(watch_online_response::Event::Changes(c)) => {
+            c.joined_users.is_empty()
+                && c.left_users.is_empty()
+                && c.joined_guests.is_empty()
+                && c.left_guests.is_empty()
+        }
+        _ => false,
+    }
 }
 
 /// One watcher's stream state.
@@ -505,9 +509,9 @@ impl Watcher {
                             changes_message(raw, self.seqs, *counts)
                         };
                         self.seqs = [self.seqs[0].max(to[0]), self.seqs[1].max(to[1])];
-                        let Some(message) = message else {
+                        if is_empty(&message) {
                             continue;
-                        };
+                        }
                         self.metrics.msg_sent(SERVICE, METHOD, "changes");
                         return Some(Ok(message));
                     }
@@ -546,11 +550,10 @@ mod tests {
         }
     }
 
-    fn parts(message: Option<WatchOnlineResponse>) -> (Vec<String>, Vec<String>, Vec<String>) {
-        match message.and_then(|m| m.event) {
+    fn parts(message: &WatchOnlineResponse) -> (Vec<String>, Vec<String>, Vec<String>) {
+        match &message.event {
             Some(watch_online_response::Event::Changes(c)) => {
-                let c = c.decode().expect("decodes");
-                (c.joined_users, c.left_users, c.joined_guests)
+                (c.joined_users.clone(), c.left_users.clone(), c.joined_guests.clone())
             }
             _ => panic!("not changes"),
         }
@@ -563,7 +566,7 @@ mod tests {
             change(Kind::Users, false, 2, &["bob", "cy"]),
             change(Kind::Guests, true, 1, &["10.0.0.1"]),
         ];
-        let (joined, left, guests) = parts(changes_message(&raw, [0, 0], Counts::default()));
+        let (joined, left, guests) = parts(&changes_message(&raw, [0, 0], Counts::default()));
         assert_eq!(joined, ["ada"]);
         assert_eq!(left, ["cy"]);
         assert_eq!(guests, ["10.0.0.1"]);
@@ -575,17 +578,8 @@ mod tests {
             change(Kind::Users, true, 5, &["ada"]),
             change(Kind::Users, true, 6, &["bob"]),
         ];
-        let (joined, ..) = parts(changes_message(&raw, [5, 0], Counts::default()));
+        let (joined, ..) = parts(&changes_message(&raw, [5, 0], Counts::default()));
         assert_eq!(joined, ["bob"]);
-    }
-
-    #[test]
-    fn changes_that_cancel_out_are_no_message() {
-        let raw = [
-            change(Kind::Users, true, 1, &["ada"]),
-            change(Kind::Users, false, 2, &["ada"]),
-        ];
-        assert_eq!(changes_message(&raw, [0, 0], Counts::default()), None);
     }
 
     #[test]
