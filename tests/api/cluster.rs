@@ -146,22 +146,8 @@ async fn after_flushall_on_a_cluster_a_reported_name_is_listed_again_within_2_se
         let mut direct = crate::launcher::tcp_connection(master).expect("a direct connection");
         let _: () = redis::cmd("FLUSHALL").query(&mut direct).expect("FLUSHALL");
     }
-    let flushed = std::time::Instant::now();
-    crate::helpers::eventually("the name to be listed again", Duration::from_secs(10), || async {
-        app.report_user("regular").await.ok()?;
-        app.everyone()
-            .await
-            .ok()?
-            .users
-            .contains(&"regular".to_owned())
-            .then_some(())
-    })
-    .await;
-    assert!(
-        flushed.elapsed() < Duration::from_secs(2),
-        "listed again after {:?}",
-        flushed.elapsed()
-    );
+    app.assert_listed_again_within_2_seconds("regular", std::time::Instant::now())
+        .await;
 }
 
 /// A master fails: its replica is promoted, and the service (the real

@@ -234,6 +234,27 @@ impl Api {
         .await;
     }
 
+    /// After its keys vanished behind the service's back at `since` (a
+    /// flush), reports `name` until it is listed again, and asserts that
+    /// took under 2 s: the repeat filter must notice and stop skipping it.
+    pub async fn assert_listed_again_within_2_seconds(&self, name: &str, since: Instant) {
+        eventually("the name to be listed again", Duration::from_secs(10), || async {
+            self.report_user(name).await.ok()?;
+            self.everyone()
+                .await
+                .ok()?
+                .users
+                .contains(&name.to_owned())
+                .then_some(())
+        })
+        .await;
+        assert!(
+            since.elapsed() < Duration::from_secs(2),
+            "listed again only after {:?}",
+            since.elapsed()
+        );
+    }
+
     /// The value of one series in the metrics (0 if absent).
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.scrape().await;

@@ -109,22 +109,8 @@ async fn after_flushall_a_reported_name_is_listed_again_within_2_seconds() {
     app.until_skipped("regular").await;
     let mut direct = redis.connection().expect("a direct connection");
     let _: () = redis::cmd("FLUSHALL").query(&mut direct).expect("FLUSHALL");
-    let flushed = Instant::now();
-    eventually("the name to be listed again", Duration::from_secs(10), || async {
-        app.report_user("regular").await.ok()?;
-        app.everyone()
-            .await
-            .ok()?
-            .users
-            .contains(&"regular".to_owned())
-            .then_some(())
-    })
-    .await;
-    assert!(
-        flushed.elapsed() < Duration::from_secs(2),
-        "listed again only after {:?}",
-        flushed.elapsed()
-    );
+    app.assert_listed_again_within_2_seconds("regular", Instant::now())
+        .await;
 }
 
 /// A ReportUser ("holder") sent to a service whose Redis is frozen, once the
