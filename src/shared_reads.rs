@@ -250,6 +250,15 @@ mod tests {
         }
     }
 
+    /// A caller of `reads` for key "k", in a task of its own.
+    fn spawn_read(
+        reads: &Arc<SharedReads<&'static str, u64>>,
+        source: &Source,
+    ) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
+        let (reads, source) = (reads.clone(), source.clone());
+        tokio::spawn(async move { reads.read("k", source.read()).await })
+    }
+
     #[tokio::test]
     async fn a_lone_read_runs_once_and_gives_its_answer() {
         let reads = SharedReads::<&str, u64>::new();
@@ -263,10 +272,7 @@ mod tests {
     async fn callers_during_a_running_read_share_one_next_read_that_sees_what_came_before_them() {
         let reads = Arc::new(SharedReads::<&str, u64>::new());
         let source = Source::gated();
-        let first = tokio::spawn({
-            let (reads, source) = (reads.clone(), source.clone());
-            async move { reads.read("k", source.read()).await }
-        });
+        let first = spawn_read(&reads, &source);
         until("the first read to run", || source.reads.load(Ordering::SeqCst) == 1).await;
         // A report lands after the first read began: those who ask now
         // must see it, so they cannot share the first read.
@@ -357,17 +363,11 @@ mod tests {
     async fn a_read_whose_caller_went_away_is_finished_by_the_next_caller() {
         let reads = Arc::new(SharedReads::<&str, u64>::new());
         let source = Source::gated();
-        let abandoned = tokio::spawn({
-            let (reads, source) = (reads.clone(), source.clone());
-            async move { reads.read("k", source.read()).await }
-        });
+        let abandoned = spawn_read(&reads, &source);
         until("the read to run", || source.reads.load(Ordering::SeqCst) == 1).await;
         abandoned.abort();
         let _ = abandoned.await;
-        let next = tokio::spawn({
-            let (reads, source) = (reads.clone(), source.clone());
-            async move { reads.read("k", source.read()).await }
-        });
+        let next = spawn_read(&reads, &source);
         // The abandoned read is driven to its end, then the new one runs.
         source.release.notify_one();
         until("the next read to run", || source.reads.load(Ordering::SeqCst) == 2).await;

@@ -265,6 +265,25 @@ struct Shared {
 }
 
 impl Shared {
+    /// Counters at zero for `joins` joins of names starting with `prefix`.
+    fn new(prefix: &str, joins: usize) -> Self {
+        Self {
+            base: Instant::now(),
+            prefix: prefix.as_bytes().to_vec(),
+            sent_at: (0..joins).map(|_| AtomicU64::new(0)).collect(),
+            histogram: (0..SHARDS)
+                .map(|_| (0..BUCKETS).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            max_us: AtomicU64::new(0),
+            pairs_seen: AtomicU64::new(0),
+            pairs_odd: AtomicU64::new(0),
+            ready: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            stream_errors: Mutex::default(),
+        }
+    }
+
     fn now_ns(&self) -> u64 {
         u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -329,21 +348,7 @@ fn main() -> ExitCode {
     // buffer), so name length shows in the service's memory.
     let prefix = format!("{}-", args.name_prefix.clone().unwrap_or(format!("w{run_id:06}")));
     let joins = (u64::from(args.join_rate) as f64 * args.duration.as_secs_f64()).ceil() as usize;
-    let shared = Arc::new(Shared {
-        base: Instant::now(),
-        prefix: prefix.clone().into_bytes(),
-        sent_at: (0..joins).map(|_| AtomicU64::new(0)).collect(),
-        histogram: (0..SHARDS)
-            .map(|_| (0..BUCKETS).map(|_| AtomicU64::new(0)).collect())
-            .collect(),
-        max_us: AtomicU64::new(0),
-        pairs_seen: AtomicU64::new(0),
-        pairs_odd: AtomicU64::new(0),
-        ready: AtomicU64::new(0),
-        resyncs: AtomicU64::new(0),
-        messages: AtomicU64::new(0),
-        stream_errors: Mutex::default(),
-    });
+    let shared = Arc::new(Shared::new(&prefix, joins));
 
     // The watchers' runtime: every core, as a real client process would.
     let watchers_rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -736,19 +741,7 @@ mod tests {
 
     #[test]
     fn join_indexes_are_read_from_our_names_only() {
-        let shared = Shared {
-            base: Instant::now(),
-            prefix: b"w000001-".to_vec(),
-            sent_at: Vec::new(),
-            histogram: Vec::new(),
-            max_us: AtomicU64::new(0),
-            pairs_seen: AtomicU64::new(0),
-            pairs_odd: AtomicU64::new(0),
-            ready: AtomicU64::new(0),
-            resyncs: AtomicU64::new(0),
-            messages: AtomicU64::new(0),
-            stream_errors: Mutex::default(),
-        };
+        let shared = Shared::new("w000001-", 0);
         assert_eq!(shared.join_index(b"w000001-42"), Some(42));
         assert_eq!(shared.join_index(b"w000001-"), None);
         assert_eq!(shared.join_index(b"w000002-42"), None);
