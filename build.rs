@@ -3,6 +3,8 @@
 //!
 //! Besides the generated code it writes the file descriptor set that server
 //! reflection serves, so `grpcurl` works with no `.proto` file at hand.
+//! The generated server and client use `crate::codec::LeanCodec` (prost's,
+//! with a smaller first encode buffer per call).
 
 use std::{env, error::Error, fs, path::PathBuf};
 
@@ -21,6 +23,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

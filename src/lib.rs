@@ -22,6 +22,8 @@
 //!   short cache).
 //! - `watch`: `WatchOnline`, one subscription per watched scope fanned out
 //!   to every watcher on the replica.
+//! - `codec`: prost's gRPC codec, with a small first encode buffer per call
+//!   (a watch stream keeps its buffer for hours).
 //! - [`domain`]: the values that exist past the edge, parsed, never merely
 //!   validated: a [`domain::Username`], a [`domain::GuestAddress`], a
 //!   [`domain::Scope`] (the site or a room), page sizes and page tokens.
@@ -42,6 +44,7 @@
 
 mod ageing;
 mod auth;
+mod codec;
 pub mod domain;
 mod error;
 #[cfg(test)]

@@ -4,10 +4,20 @@
 //! Per watched scope there is one feed task. It follows the scope's change
 //! messages (one subscription per replica, however many watchers), batches
 //! them for [`WatchHub`]'s interval, fetches the counts once, and publishes
-//! one shared message on a broadcast channel. Each watcher's stream reads
-//! that channel and clones a message only as the transport takes it, so a
+//! one shared message on broadcast channels. Each watcher's stream reads
+//! its channel and clones a message only as the transport takes it, so a
 //! slow watcher holds no more than the channel's few shared messages: when
 //! it falls behind, it gets a fresh snapshot (`resync`) instead.
+//!
+//! A scope's watchers are spread over [`LANES`] channels, and a flush goes
+//! out lane by lane (a fan-out task per scope), each lane once the one
+//! before has taken it, looked at every millisecond. Waking ten thousand
+//! watchers at once puts ten thousand encodes in the runtime's queue ahead
+//! of every report, whose wait for Redis then runs out behind them (tens to
+//! hundreds of 10,000 joins refused in a load test). Lane by lane, a report
+//! waits behind one lane's encodes at most, and the millisecond pauses are
+//! part of it: a build that went on the instant a lane was read had
+//! refusals again (BENCHMARKS.md).
 //!
 //! Exactly what a watcher has seen is tracked by sequence numbers: each
 //! change message carries one per kind and scope, a snapshot says up to
@@ -16,7 +26,10 @@
 
 use std::{
     collections::{HashMap, hash_map::Entry},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -31,8 +44,17 @@ use crate::metrics::{CallType, Metrics};
 use crate::proto::v1::{OnlineChanges, OnlineSnapshot, WatchOnlineResponse, presence_server, watch_online_response};
 use crate::store::{Change, SNAPSHOT_NAMES, Store, StoreError};
 
-/// Flushed messages a watcher may be behind before it must resync.
+/// Flushed messages a watcher may be behind before it must resync; also
+/// the flushes a scope's fan-out may be behind before its watchers resync.
 const BACKLOG: usize = 16;
+
+/// The channels a scope's watchers are spread over: see the module docs.
+const LANES: usize = 32;
+
+/// The longest a flush waits for one lane's watchers to take it before it
+/// goes on to the next: a watcher that does not read (a stalled client)
+/// must not hold the others back for long.
+const LANE_WAIT: Duration = Duration::from_millis(5);
 
 /// Names a feed holds between two flushes; past this, everyone resyncs
 /// (a rotation of a million names is a snapshot, not a million leaves).
@@ -58,11 +80,43 @@ pub struct WatchHub {
     stop: CancellationToken,
 }
 
-/// One watched scope: its broadcast of flushed changes, and where watchers
-/// ask for snapshots.
+/// One watched scope: its lanes of flushed changes, and where watchers ask
+/// for snapshots.
 struct Feed {
-    changes: broadcast::Sender<Arc<Flush>>,
+    lanes: Vec<broadcast::Sender<Arc<Flush>>>,
+    /// The lane the next watcher joins (round robin).
+    next_lane: AtomicUsize,
     snapshots: mpsc::UnboundedSender<oneshot::Sender<Result<Arc<Snap>, ApiError>>>,
+}
+
+impl Feed {
+    fn subscribe(&self) -> broadcast::Receiver<Arc<Flush>> {
+        let lane = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        self.lanes[lane].subscribe()
+    }
+
+    fn watchers(&self) -> usize {
+        self.lanes.iter().map(broadcast::Sender::receiver_count).sum()
+    }
+
+    /// Hands a flush to every lane in turn, each once the lane before has
+    /// taken it (every watcher's stream has read it; checked each
+    /// millisecond, which leaves the runtime to other calls meanwhile) or
+    /// after [`LANE_WAIT`]. The flushes of one scope go out in order: one
+    /// task runs this for them all.
+    async fn fan_out(&self, flush: Arc<Flush>) {
+        for lane in &self.lanes {
+            if lane.receiver_count() == 0 || lane.send(flush.clone()).is_err() {
+                continue;
+            }
+            let until = tokio::time::Instant::now() + LANE_WAIT;
+            // `len` also counts older flushes a lagging watcher has not
+            // read; the wait is bounded all the same.
+            while !lane.is_empty() && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
 }
 
 /// What a feed publishes at each flush.
@@ -125,7 +179,7 @@ impl WatchHub {
                     vacant.insert(feed).clone()
                 }
             };
-            let changes = feed.changes.subscribe();
+            let changes = feed.subscribe();
             (feed, changes)
         };
         self.metrics.watch_opened();
@@ -146,10 +200,28 @@ impl WatchHub {
     }
 
     fn start_feed(self: &Arc<Self>, scope: Scope) -> Arc<Feed> {
-        let (changes, _) = broadcast::channel(BACKLOG);
+        let lanes = (0..LANES).map(|_| broadcast::channel(BACKLOG).0).collect();
         let (snapshots, requests) = mpsc::unbounded_channel();
-        let feed = Arc::new(Feed { changes, snapshots });
-        tokio::spawn(self.clone().run_feed(scope, feed.clone(), requests));
+        let feed = Arc::new(Feed {
+            lanes,
+            next_lane: AtomicUsize::new(0),
+            snapshots,
+        });
+        let (flushes, mut to_fan_out) = mpsc::channel::<Arc<Flush>>(BACKLOG);
+        let (fan_out_feed, stop) = (feed.clone(), self.stop.clone());
+        // Ends when the feed task drops `flushes`, or at shutdown.
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    flush = to_fan_out.recv() => match flush {
+                        Some(flush) => fan_out_feed.fan_out(flush).await,
+                        None => break,
+                    },
+                    () = stop.cancelled() => break,
+                }
+            }
+        });
+        tokio::spawn(self.clone().run_feed(scope, feed.clone(), flushes, requests));
         feed
     }
 
@@ -159,6 +231,7 @@ impl WatchHub {
         self: Arc<Self>,
         scope: Scope,
         feed: Arc<Feed>,
+        flushes: mpsc::Sender<Arc<Flush>>,
         mut requests: mpsc::UnboundedReceiver<oneshot::Sender<Result<Arc<Snap>, ApiError>>>,
     ) {
         let mut following = self.store.follow(&scope).await.ok();
@@ -242,19 +315,19 @@ impl WatchHub {
                     match last_flush {
                         Some(flushed) if at.saturating_duration_since(flushed) < self.interval => {}
                         Some(_) => {
-                            self.flush(&scope, &feed, &mut pending).await;
+                            self.flush(&scope, &flushes, &mut pending).await;
                             last_flush = Some(at);
                         }
                         None => last_flush = Some(at),
                     }
-                    if feed.changes.receiver_count() > 0 {
+                    if feed.watchers() > 0 {
                         idle_since = None;
                     }
                     let idle = *idle_since.get_or_insert_with(tokio::time::Instant::now);
                     if idle.elapsed() >= self.interval.max(Duration::from_secs(1)) {
                         let mut feeds = self.feeds();
                         // Checked under the lock new watchers subscribe under.
-                        if feed.changes.receiver_count() == 0 {
+                        if feed.watchers() == 0 {
                             feeds.remove(&scope);
                             break;
                         }
@@ -268,10 +341,11 @@ impl WatchHub {
         self.store.unfollow(&scope).await;
     }
 
-    async fn flush(&self, scope: &Scope, feed: &Feed, pending: &mut Pending) {
+    async fn flush(&self, scope: &Scope, flushes: &mpsc::Sender<Arc<Flush>>, pending: &mut Pending) {
         if pending.gap {
-            let _ = feed.changes.send(Arc::new(Flush::Resync));
-            *pending = Pending::default();
+            if flushes.try_send(Arc::new(Flush::Resync)).is_ok() {
+                *pending = Pending::default();
+            }
             return;
         }
         if pending.raw.is_empty() {
@@ -284,18 +358,23 @@ impl WatchHub {
         let counts = match self.counts(scope).await {
             Ok(counts) => counts,
             Err(_) => {
-                let _ = feed.changes.send(Arc::new(Flush::Resync));
+                pending.gap = flushes.try_send(Arc::new(Flush::Resync)).is_err();
                 return;
             }
         };
         let message = changes_message(&raw, [0; 2], counts);
-        let _ = feed.changes.send(Arc::new(Flush::Changes {
+        let flush = Arc::new(Flush::Changes {
             from,
             to,
             message,
             raw,
             counts,
-        }));
+        });
+        // A fan-out this far behind: its watchers start again from a
+        // snapshot at the next flush.
+        if flushes.try_send(flush).is_err() {
+            pending.gap = true;
+        }
     }
 
     async fn counts(&self, scope: &Scope) -> Result<Counts, StoreError> {
@@ -591,6 +670,64 @@ mod tests {
         assert_eq!((pending.from, pending.to), ([2, 0], [4, 0]));
         pending.add(change(Kind::Users, true, 6, &["c"]));
         assert!(pending.gap);
+    }
+
+    fn flush(to: u64) -> Arc<Flush> {
+        Arc::new(Flush::Changes {
+            from: [to - 1, 0],
+            to: [to, 0],
+            message: WatchOnlineResponse::default(),
+            raw: Vec::new(),
+            counts: Counts::default(),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_goes_out_lane_by_lane_and_a_stalled_watcher_holds_nobody_back() {
+        let (snapshots, _requests) = mpsc::unbounded_channel();
+        let feed = Arc::new(Feed {
+            lanes: (0..LANES).map(|_| broadcast::channel(BACKLOG).0).collect(),
+            next_lane: AtomicUsize::new(0),
+            snapshots,
+        });
+        // The first watcher (lane 0) never reads.
+        let _stalled = feed.subscribe();
+        // Readers that found a later lane already handed the flush they
+        // were reading.
+        let early = Arc::new(AtomicUsize::new(0));
+        let readers: Vec<_> = (1..2 * LANES + 3)
+            .map(|i| {
+                let lane = i % LANES;
+                let mut changes = feed.subscribe();
+                let (feed, early) = (feed.clone(), early.clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    for _ in 0..2 {
+                        let flush = changes.recv().await.expect("a flush");
+                        if feed.lanes[lane + 1..].iter().any(|later| !later.is_empty()) {
+                            early.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if let Flush::Changes { to, .. } = &*flush {
+                            seen.push(to[0]);
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        for to in [1, 2] {
+            tokio::time::timeout(Duration::from_secs(5), feed.fan_out(flush(to)))
+                .await
+                .expect("the stalled watcher does not hold the flush up");
+        }
+        for reader in readers {
+            let seen = tokio::time::timeout(Duration::from_secs(5), reader)
+                .await
+                .expect("every reading watcher gets both flushes")
+                .expect("the reader ran");
+            assert_eq!(seen, [1, 2]);
+        }
+        assert_eq!(early.load(Ordering::SeqCst), 0, "a later lane had the flush first");
     }
 
     #[test]
