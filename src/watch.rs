@@ -9,7 +9,8 @@
 //! slow watcher holds no more than the channel's few shared messages: when
 //! it falls behind, it gets a fresh snapshot (`resync`) instead.
 //!
-//! A scope's watchers are spread over [`LANES`] channels, and a flush goes
+//! A scope's watchers are spread over lanes of at most [`LANE_WATCHERS`]
+//! (a broadcast channel each, made as watchers come), and a flush goes
 //! out lane by lane (a fan-out task per scope), each lane once the one
 //! before has taken it, looked at every millisecond. Waking ten thousand
 //! watchers at once puts ten thousand encodes in the runtime's queue ahead
@@ -26,10 +27,7 @@
 
 use std::{
     collections::{HashMap, hash_map::Entry},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -48,8 +46,9 @@ use crate::store::{Change, SNAPSHOT_NAMES, Store, StoreError};
 /// the flushes a scope's fan-out may be behind before its watchers resync.
 const BACKLOG: usize = 16;
 
-/// The channels a scope's watchers are spread over: see the module docs.
-const LANES: usize = 32;
+/// The most watchers in one lane: see the module docs. A scope with fewer
+/// watchers has one lane, so a room watched by one page costs one channel.
+const LANE_WATCHERS: usize = 256;
 
 /// The longest a flush waits for one lane's watchers to take it before it
 /// goes on to the next: a watcher that does not read (a stalled client)
@@ -83,20 +82,38 @@ pub struct WatchHub {
 /// One watched scope: its lanes of flushed changes, and where watchers ask
 /// for snapshots.
 struct Feed {
-    lanes: Vec<broadcast::Sender<Arc<Flush>>>,
-    /// The lane the next watcher joins (round robin).
-    next_lane: AtomicUsize,
+    /// Its lanes, in the order a flush goes out; never fewer, while the
+    /// feed lasts.
+    lanes: Mutex<Vec<broadcast::Sender<Arc<Flush>>>>,
     snapshots: mpsc::UnboundedSender<oneshot::Sender<Result<Arc<Snap>, ApiError>>>,
 }
 
 impl Feed {
+    fn new(snapshots: mpsc::UnboundedSender<oneshot::Sender<Result<Arc<Snap>, ApiError>>>) -> Self {
+        Self {
+            lanes: Mutex::default(),
+            snapshots,
+        }
+    }
+
+    fn lanes(&self) -> std::sync::MutexGuard<'_, Vec<broadcast::Sender<Arc<Flush>>>> {
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new watcher's subscription, in the first lane with room (a new
+    /// lane if none has).
     fn subscribe(&self) -> broadcast::Receiver<Arc<Flush>> {
-        let lane = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
-        self.lanes[lane].subscribe()
+        let mut lanes = self.lanes();
+        if let Some(lane) = lanes.iter().find(|lane| lane.receiver_count() < LANE_WATCHERS) {
+            return lane.subscribe();
+        }
+        let (lane, changes) = broadcast::channel(BACKLOG);
+        lanes.push(lane);
+        changes
     }
 
     fn watchers(&self) -> usize {
-        self.lanes.iter().map(broadcast::Sender::receiver_count).sum()
+        self.lanes().iter().map(broadcast::Sender::receiver_count).sum()
     }
 
     /// Hands a flush to every lane in turn, each once the lane before has
@@ -105,7 +122,8 @@ impl Feed {
     /// after [`LANE_WAIT`]. The flushes of one scope go out in order: one
     /// task runs this for them all.
     async fn fan_out(&self, flush: Arc<Flush>) {
-        for lane in &self.lanes {
+        let lanes = self.lanes().clone();
+        for lane in &lanes {
             if lane.receiver_count() == 0 || lane.send(flush.clone()).is_err() {
                 continue;
             }
@@ -200,13 +218,8 @@ impl WatchHub {
     }
 
     fn start_feed(self: &Arc<Self>, scope: Scope) -> Arc<Feed> {
-        let lanes = (0..LANES).map(|_| broadcast::channel(BACKLOG).0).collect();
         let (snapshots, requests) = mpsc::unbounded_channel();
-        let feed = Arc::new(Feed {
-            lanes,
-            next_lane: AtomicUsize::new(0),
-            snapshots,
-        });
+        let feed = Arc::new(Feed::new(snapshots));
         let (flushes, mut to_fan_out) = mpsc::channel::<Arc<Flush>>(BACKLOG);
         let (fan_out_feed, stop) = (feed.clone(), self.stop.clone());
         // Ends when the feed task drops `flushes`, or at shutdown.
@@ -618,6 +631,8 @@ impl Drop for Watcher {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     fn change(kind: Kind, joined: bool, seq: u64, names: &[&str]) -> Change {
@@ -685,26 +700,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_flush_goes_out_lane_by_lane_and_a_stalled_watcher_holds_nobody_back() {
         let (snapshots, _requests) = mpsc::unbounded_channel();
-        let feed = Arc::new(Feed {
-            lanes: (0..LANES).map(|_| broadcast::channel(BACKLOG).0).collect(),
-            next_lane: AtomicUsize::new(0),
-            snapshots,
-        });
+        let feed = Arc::new(Feed::new(snapshots));
         // The first watcher (lane 0) never reads.
         let _stalled = feed.subscribe();
+        assert_eq!(feed.lanes().len(), 1, "a lane is made only when needed");
         // Readers that found a later lane already handed the flush they
         // were reading.
         let early = Arc::new(AtomicUsize::new(0));
-        let readers: Vec<_> = (1..2 * LANES + 3)
+        let readers: Vec<_> = (1..3 * LANE_WATCHERS + 5)
             .map(|i| {
-                let lane = i % LANES;
+                let lane = i / LANE_WATCHERS;
                 let mut changes = feed.subscribe();
                 let (feed, early) = (feed.clone(), early.clone());
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
                     for _ in 0..2 {
                         let flush = changes.recv().await.expect("a flush");
-                        if feed.lanes[lane + 1..].iter().any(|later| !later.is_empty()) {
+                        if feed.lanes()[lane + 1..].iter().any(|later| !later.is_empty()) {
                             early.fetch_add(1, Ordering::SeqCst);
                         }
                         if let Flush::Changes { to, .. } = &*flush {
@@ -727,6 +739,7 @@ mod tests {
                 .expect("the reader ran");
             assert_eq!(seen, [1, 2]);
         }
+        assert_eq!(feed.lanes().len(), 4, "lanes of at most {LANE_WATCHERS}");
         assert_eq!(early.load(Ordering::SeqCst), 0, "a later lane had the flush first");
     }
 
