@@ -31,6 +31,7 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
+use crate::locks::{lock, read_lock, write_lock};
 use crate::metrics::{CallType, Metrics};
 use crate::proto::v1::presence_server::SERVICE_NAME as PRESENCE;
 use crate::reload::{self, Snapshot};
@@ -226,7 +227,7 @@ impl TokenFile {
     }
 
     pub fn tokens(&self) -> Arc<Tokens> {
-        self.tokens.read().unwrap_or_else(|p| p.into_inner()).clone()
+        read_lock(&self.tokens).clone()
     }
 
     /// Re-reads the file if it changed. A good file replaces the tokens at
@@ -236,7 +237,7 @@ impl TokenFile {
     pub fn reload_if_changed(&self) {
         let now = Snapshot::read(&[&self.path]);
         {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = lock(&self.seen);
             if *seen == now {
                 return;
             }
@@ -249,7 +250,7 @@ impl TokenFile {
                     read = tokens.count(Role::Read),
                     "token file reloaded"
                 );
-                *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
+                *write_lock(&self.tokens) = Arc::new(tokens);
             }
             Err(error) => tracing::error!(%error, "token file changed but cannot be used; keeping the tokens in use"),
         }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
+use crate::locks::lock;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +85,7 @@ struct Outage {
 
 impl OutageLog {
     pub fn failed(&self, what: &str, error: &StoreError) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         match state.as_mut() {
             Some(outage) => outage.failures += 1,
             None => {
@@ -98,7 +99,7 @@ impl OutageLog {
     }
 
     pub fn answered(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         if let Some(outage) = state.take() {
             tracing::info!(
                 lasted = %humantime::format_duration(round_ms(outage.since.elapsed())),

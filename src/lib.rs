@@ -34,6 +34,7 @@
 //! - `health`: follows the store, flips the gRPC health status, and keeps
 //!   the gauges; `keeper`: ages rooms and prunes last seen, in small steps.
 //! - `metrics`: Prometheus counters and histograms, served over HTTP.
+//! - `locks`: std locks taken as they are after a panic, one helper each.
 //! - [`settings`] and [`telemetry`]: configuration, logs and traces;
 //!   [`traces`]: OpenTelemetry spans for each call and its Redis round
 //!   trips, off unless the standard `OTEL_*` variables ask for them.
@@ -54,6 +55,7 @@ mod health;
 mod keeper;
 pub mod keyspace;
 mod limits;
+mod locks;
 mod metrics;
 pub mod proto;
 mod reload;

@@ -30,13 +30,14 @@ use std::{
     collections::HashMap,
     future::Future,
     hash::Hash,
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::time::Instant;
 
+use crate::locks::lock;
 use crate::store::StoreError;
 
 /// The most answers kept by the opt-in cache. Keys are pages (a scope, a
@@ -191,12 +192,6 @@ where
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// The state stays consistent across a panic in a read (reads run outside
-/// the lock), so a poisoned lock is taken as it is.
-fn lock<S>(mutex: &Mutex<S>) -> MutexGuard<'_, S> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

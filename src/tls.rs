@@ -37,6 +37,7 @@ use tokio_rustls::{
 };
 use tonic::transport::server::TcpIncoming;
 
+use crate::locks::{lock, read_lock, write_lock};
 use crate::reload::{self, Snapshot};
 use crate::settings::SettingError;
 
@@ -92,11 +93,11 @@ struct CurrentCert(RwLock<Arc<CertifiedKey>>);
 
 impl CurrentCert {
     fn get(&self) -> Arc<CertifiedKey> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        read_lock(&self.0).clone()
     }
 
     fn set(&self, key: Arc<CertifiedKey>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+        *write_lock(&self.0) = key;
     }
 }
 
@@ -140,7 +141,7 @@ impl ServerTls {
     }
 
     fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.config.read().unwrap_or_else(|p| p.into_inner()).clone())
+        TlsAcceptor::from(read_lock(&self.config).clone())
     }
 
     /// Re-reads the files; if they changed and the new ones are good, new
@@ -149,7 +150,7 @@ impl ServerTls {
     pub fn reload_if_changed(&self) {
         let now = Snapshot::read(&self.files.paths());
         {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = lock(&self.seen);
             if *seen == now {
                 return;
             }
@@ -162,7 +163,7 @@ impl ServerTls {
         match reloaded {
             Ok((pair, config)) => {
                 self.cert.set(pair);
-                *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+                *write_lock(&self.config) = config;
                 tracing::info!(
                     cert = %self.files.cert.display(),
                     "TLS certificate reloaded: new connections use it"

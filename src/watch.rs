@@ -38,6 +38,7 @@ use tonic::{Code, Status};
 
 use crate::domain::{Counts, Kind, Scope};
 use crate::error::ApiError;
+use crate::locks::lock;
 use crate::metrics::{CallType, Metrics};
 use crate::proto::v1::{OnlineChanges, OnlineSnapshot, WatchOnlineResponse, presence_server, watch_online_response};
 use crate::store::{Change, SNAPSHOT_NAMES, Store, StoreError};
@@ -97,7 +98,7 @@ impl Feed {
     }
 
     fn lanes(&self) -> std::sync::MutexGuard<'_, Vec<broadcast::Sender<Arc<Flush>>>> {
-        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.lanes)
     }
 
     /// A new watcher's subscription, in the first lane with room (a new
@@ -180,7 +181,7 @@ impl WatchHub {
     }
 
     fn feeds(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, Arc<Feed>>> {
-        self.feeds.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.feeds)
     }
 
     /// A watcher's stream: a snapshot, then changes, until the client goes

@@ -14,6 +14,7 @@ use super::{Change, Maintenance, Probe, Snapshot, Store, StoreError};
 use crate::domain::{
     Counts, Kind, KindPage, Room, RoomCount, RoomOrder, RoomsPage, RoomsPageToken, Scope, Visitors, page_of,
 };
+use crate::locks::lock;
 
 /// How many change messages a follower may have waiting before it is told
 /// it missed some (and resyncs): the bound on a slow follower's memory.
@@ -178,8 +179,8 @@ impl MemoryStore {
 
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the sets half-updated
-        // in a way that matters for presence, so a poisoned lock is used as is.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        // in a way that matters for presence.
+        lock(&self.state)
     }
 
     /// The sets of one kind in a scope, brought into the current interval;

@@ -21,7 +21,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -38,6 +38,7 @@ use super::Redis;
 use super::connection::Subscriber;
 use crate::domain::{Kind, Scope, Visitors};
 use crate::keyspace::{MESSAGE_SEPARATOR, RoomKeys};
+use crate::locks::lock;
 use crate::store::repeat_filter::{REGISTERED_FOR, RepeatFilter};
 use crate::store::{Change, StoreError};
 
@@ -78,10 +79,6 @@ struct Shared {
     /// Channel → the scope it belongs to, and its follower.
     followers: Mutex<HashMap<String, (Scope, mpsc::Sender<Change>)>>,
     disconnected: Notify,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Bus {

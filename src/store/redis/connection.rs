@@ -22,6 +22,7 @@ use redis::{
     cluster_async::ClusterConnection,
 };
 
+use crate::locks::lock;
 use crate::store::StoreError;
 
 /// How Redis is deployed.
@@ -235,12 +236,6 @@ impl AsyncPushSender for PushSender {
     fn send(&self, info: redis::PushInfo) -> Result<(), redis::aio::SendError> {
         self.0.send(info)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The guarded value is a cache of a connection: usable even if a
-    // holder panicked.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A connection for the pub/sub bus, made afresh after each failure.

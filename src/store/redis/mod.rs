@@ -45,6 +45,7 @@ use crate::domain::{
     Counts, Kind, KindPage, Room, RoomCount, RoomOrder, RoomsPage, RoomsPageToken, Scope, Visitors, page_of,
 };
 use crate::keyspace::{self, KeyPrefix, Keyspace};
+use crate::locks::lock;
 use crate::traces;
 
 /// Rooms looked at per step of the sweep: each is one small script, and a
@@ -612,10 +613,6 @@ impl RedisStore {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[async_trait]
