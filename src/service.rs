@@ -56,17 +56,18 @@ pub struct PresenceService {
     store_timeout: Duration,
     /// What is stored of a guest's address.
     guests: GuestPrivacy,
-    /// Concurrent identical pages and counts share one store read.
-    pages: SharedReads<PageKey, KindPage>,
+    /// Concurrent identical pages and counts share one store read, of
+    /// both kinds at once: one wait (and one wake-up) per call, not two.
+    pages: SharedReads<PagesKey, (KindPage, KindPage)>,
     /// The same for pages of rooms.
     room_pages: SharedReads<RoomsKey, RoomsPage>,
     /// One permit per unary call being worked on; none left: refuse.
     in_flight: Arc<Semaphore>,
 }
 
-/// One page of one kind: the scope, the kind, where it starts, its size
-/// (0: a count).
-type PageKey = (Scope, Kind, Option<String>, usize);
+/// One page of each kind in one scope: for users, then guests, where it
+/// starts and its size (0: a count).
+type PagesKey = (Scope, [(Option<String>, usize); 2]);
 
 /// One page of rooms: the order, where it starts, its size.
 type RoomsKey = (RoomOrder, Option<RoomsPageToken>, usize);
@@ -178,33 +179,42 @@ impl PresenceService {
         Ok(())
     }
 
-    async fn page(&self, scope: &Scope, kind: Kind, cursor: &Cursor, size: PageSize) -> Result<KindPage, ApiError> {
-        // A finished list still gives its exact count on every page.
-        let size = if cursor.is_done() { 0 } else { size.get() };
-        let page = self.shared_page(scope, kind, cursor.after(), size).await?;
-        Ok(KindPage {
-            done: page.done || cursor.is_done(),
-            ..page
-        })
-    }
-
-    /// A page (or, with `size` 0, the count) of one kind, through
-    /// [`SharedReads`]: callers asking the same at once share a read that
-    /// began after they asked.
-    async fn shared_page(
+    /// A page of users and one of guests (each of `size`, or, with `size`
+    /// 0, the counts), through [`SharedReads`]: callers asking the same at
+    /// once share a read that began after they asked.
+    async fn pages(
         &self,
         scope: &Scope,
-        kind: Kind,
-        after: Option<&str>,
+        users: &Cursor,
+        guests: &Cursor,
         size: usize,
-    ) -> Result<KindPage, StoreError> {
-        let key = (scope.clone(), kind, after.map(str::to_owned), size);
-        let (store, scope, after) = (self.store.clone(), scope.clone(), key.2.clone());
-        self.pages
+    ) -> Result<(KindPage, KindPage), ApiError> {
+        // A finished list still gives its exact count on every page.
+        let part = |cursor: &Cursor| {
+            (
+                cursor.after().map(str::to_owned),
+                if cursor.is_done() { 0 } else { size },
+            )
+        };
+        let key = (scope.clone(), [part(users), part(guests)]);
+        let (store, scope, [users_part, guests_part]) = (self.store.clone(), scope.clone(), key.1.clone());
+        let (users_page, guests_page) = self
+            .pages
             .read(key, move || async move {
-                store.page(&scope, kind, after.as_deref(), size).await
+                store
+                    .pages(
+                        &scope,
+                        (users_part.0.as_deref(), users_part.1),
+                        (guests_part.0.as_deref(), guests_part.1),
+                    )
+                    .await
             })
-            .await
+            .await?;
+        let finish = |page: KindPage, cursor: &Cursor| KindPage {
+            done: page.done || cursor.is_done(),
+            ..page
+        };
+        Ok((finish(users_page, users), finish(guests_page, guests)))
     }
 
     /// A page of rooms, shared the same way.
@@ -366,10 +376,7 @@ impl presence_server::Presence for PresenceService {
             let size = PageSize::coerce(request.limit);
             let token =
                 OnlinePageToken::parse(&request.page_token, &scope).map_err(|e| ApiError::invalid("page_token", e))?;
-            let (users, guests) = tokio::try_join!(
-                self.page(&scope, Kind::Users, &token.users, size),
-                self.page(&scope, Kind::Guests, &token.guests, size),
-            )?;
+            let (users, guests) = self.pages(&scope, &token.users, &token.guests, size.get()).await?;
             let cursor = |page: &KindPage, was: &Cursor| match page.names.last() {
                 _ if page.done => Cursor::Done,
                 Some(last) => Cursor::After(last.clone()),
@@ -398,10 +405,7 @@ impl presence_server::Presence for PresenceService {
         let request = request.into_inner();
         self.call("CountOnline", deadline, async {
             let scope = parse_scope(request.room)?;
-            let (users, guests) = tokio::try_join!(
-                self.shared_page(&scope, Kind::Users, None, 0),
-                self.shared_page(&scope, Kind::Guests, None, 0),
-            )?;
+            let (users, guests) = self.pages(&scope, &Cursor::Start, &Cursor::Start, 0).await?;
             Ok(CountOnlineResponse {
                 user_count: users.total,
                 guest_count: guests.total,

@@ -54,6 +54,21 @@ pub trait Store: Send + Sync + 'static {
     /// in byte order, and the exact total. `size` 0 is a count.
     async fn page(&self, scope: &Scope, kind: Kind, after: Option<&str>, size: usize) -> Result<KindPage, StoreError>;
 
+    /// A page of users and one of guests in `scope`, each given as (after,
+    /// size) as for [`Store::page`]. A store that can read both in one
+    /// round trip does: a list or a count asks for both kinds every time.
+    async fn pages(
+        &self,
+        scope: &Scope,
+        users: (Option<&str>, usize),
+        guests: (Option<&str>, usize),
+    ) -> Result<(KindPage, KindPage), StoreError> {
+        tokio::try_join!(
+            self.page(scope, Kind::Users, users.0, users.1),
+            self.page(scope, Kind::Guests, guests.0, guests.1),
+        )
+    }
+
     /// Whether each name of `kind` is online in `scope`, in order.
     async fn check(&self, scope: &Scope, kind: Kind, names: &[&str]) -> Result<Vec<bool>, StoreError>;
 

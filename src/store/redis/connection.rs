@@ -200,6 +200,11 @@ impl Connections {
         }
     }
 
+    /// Whether keys of different hash slots must go in separate calls.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Connections::Cluster { .. })
+    }
+
     /// Makes sure the connection a failed call used is not used again.
     pub fn mark_broken(&self, checkout: &Checkout) {
         match (self, checkout) {

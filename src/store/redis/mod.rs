@@ -216,6 +216,34 @@ impl Redis {
         }
     }
 
+    /// Pages of one or more kinds of `scope` (each: the kind, after, size;
+    /// see [`keyspace::PAGE_SCRIPT`]) in one script call: their keys must
+    /// share a slot.
+    async fn pages(&self, scope: &Scope, wanted: &[(Kind, Option<&str>, usize)]) -> Result<Vec<KindPage>, StoreError> {
+        let mut invocation = self.scripts.page.prepare_invoke();
+        for &(kind, _, _) in wanted {
+            for key in self.kind_keys(scope, kind) {
+                invocation.key(key);
+            }
+        }
+        invocation.arg(self.publish).arg(self.period).arg(self.keep_of(scope));
+        for &(_, after, size) in wanted {
+            invocation.arg(after.unwrap_or("")).arg(size);
+        }
+        self.bounded(|mut connection| async move {
+            let read: Vec<(u8, u64, Vec<String>, Vec<String>)> = invocation.invoke_async(&mut connection).await?;
+            Ok(wanted
+                .iter()
+                .zip(read)
+                .map(|(&(kind, _, size), (rotated, total, current, old))| {
+                    self.rotated(scope, kind, rotated);
+                    page_of(current, old, size, total)
+                })
+                .collect())
+        })
+        .await
+    }
+
     /// Counts a rotation a script reports, if it was of a site kind.
     fn rotated(&self, scope: &Scope, kind: Kind, rotated: u8) {
         if rotated == 1 && scope == &Scope::Site {
@@ -711,27 +739,29 @@ impl Store for RedisStore {
     }
 
     async fn page(&self, scope: &Scope, kind: Kind, after: Option<&str>, size: usize) -> Result<KindPage, StoreError> {
+        let pages = self.redis.pages(scope, &[(kind, after, size)]).await;
+        self.failed(pages.map(|mut pages| pages.swap_remove(0)))
+    }
+
+    async fn pages(
+        &self,
+        scope: &Scope,
+        users: (Option<&str>, usize),
+        guests: (Option<&str>, usize),
+    ) -> Result<(KindPage, KindPage), StoreError> {
         let redis = &self.redis;
-        let keys = redis.kind_keys(scope, kind);
-        let result = redis
-            .bounded(|mut connection| async move {
-                let mut invocation = redis.scripts.page.prepare_invoke();
-                for key in &keys {
-                    invocation.key(key);
-                }
-                let (rotated, total, current, old): (u8, u64, Vec<String>, Vec<String>) = invocation
-                    .arg(redis.publish)
-                    .arg(redis.period)
-                    .arg(redis.keep_of(scope))
-                    .arg(after.unwrap_or(""))
-                    .arg(size)
-                    .invoke_async(&mut connection)
-                    .await?;
-                redis.rotated(scope, kind, rotated);
-                Ok(page_of(current, old, size, total))
+        let (users, guests) = ([(Kind::Users, users.0, users.1)], [(Kind::Guests, guests.0, guests.1)]);
+        let pages = if redis.connections.is_cluster() && scope == &Scope::Site {
+            // The site's kinds have a hash tag each, so a slot each.
+            tokio::try_join!(redis.pages(scope, &users), redis.pages(scope, &guests))
+                .map(|(mut users, mut guests)| (users.swap_remove(0), guests.swap_remove(0)))
+        } else {
+            redis.pages(scope, &[users[0], guests[0]]).await.map(|mut both| {
+                let guests = both.swap_remove(1);
+                (both.swap_remove(0), guests)
             })
-            .await;
-        self.failed(result)
+        };
+        self.failed(pages)
     }
 
     async fn check(&self, scope: &Scope, kind: Kind, names: &[&str]) -> Result<Vec<bool>, StoreError> {
