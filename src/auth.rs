@@ -33,7 +33,7 @@ use tower::{Layer, Service};
 
 use crate::locks::{lock, read_lock, write_lock};
 use crate::metrics::{CallType, Metrics};
-use crate::proto::v1::presence_server::SERVICE_NAME as PRESENCE;
+use crate::proto::server::presence_server::SERVICE_NAME as PRESENCE;
 use crate::reload::{self, Snapshot};
 use crate::settings::SettingError;
 

@@ -18,7 +18,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::domain::Kind;
 use crate::error::OutageLog;
 use crate::metrics::Metrics;
-use crate::proto::v1::presence_server::SERVICE_NAME;
+use crate::proto::server::presence_server::SERVICE_NAME;
 use crate::store::Store;
 
 /// How often the store is checked. The status follows within about this

@@ -47,6 +47,7 @@ mod ageing;
 mod auth;
 mod codec;
 pub mod domain;
+mod encoded;
 mod error;
 #[cfg(test)]
 mod fuzz;

@@ -17,14 +17,16 @@ use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 use crate::domain::{
     Cursor, Kind, KindPage, OnlinePageToken, PageSize, RoomOrder, RoomsPage, RoomsPageToken, Scope, Username, Visitors,
 };
+use crate::encoded::EncodedListOnline;
 use crate::error::{ApiError, OutageLog};
 use crate::guests::GuestPrivacy;
 use crate::metrics::{CallType, Metrics};
+use crate::proto::server::presence_server;
 use crate::proto::v1::{
     CheckOnlineRequest, CheckOnlineResponse, CountOnlineRequest, CountOnlineResponse, GuestStatus, LeaveRequest,
     LeaveResponse, ListOnlineRequest, ListOnlineResponse, ListRoomsRequest, ListRoomsResponse, ReportBatchRequest,
     ReportBatchResponse, ReportGuestRequest, ReportGuestResponse, ReportUserRequest, ReportUserResponse, Room,
-    UserStatus, WatchOnlineRequest, WatchOnlineResponse, presence_server,
+    UserStatus, WatchOnlineRequest, WatchOnlineResponse,
 };
 use crate::shared_reads::SharedReads;
 use crate::store::{Store, StoreError};
@@ -56,9 +58,11 @@ pub struct PresenceService {
     store_timeout: Duration,
     /// What is stored of a guest's address.
     guests: GuestPrivacy,
-    /// Concurrent identical pages and counts share one store read, of
-    /// both kinds at once: one wait (and one wake-up) per call, not two.
-    pages: SharedReads<PagesKey, (KindPage, KindPage)>,
+    /// Concurrent identical pages share one store read (of both kinds at
+    /// once: one wait per call, not two) and one encoding.
+    lists: SharedReads<PagesKey, EncodedListOnline>,
+    /// Concurrent counts of a scope share one store read.
+    counts: SharedReads<Scope, (u64, u64)>,
     /// The same for pages of rooms.
     room_pages: SharedReads<RoomsKey, RoomsPage>,
     /// One permit per unary call being worked on; none left: refuse.
@@ -87,7 +91,8 @@ impl PresenceService {
             outage,
             store_timeout,
             guests: GuestPrivacy::Plain,
-            pages: SharedReads::new(),
+            lists: SharedReads::new(),
+            counts: SharedReads::new(),
             room_pages: SharedReads::new(),
             in_flight: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
         }
@@ -109,7 +114,8 @@ impl PresenceService {
     /// old (`PRESENCE_LIST_CACHE`; zero, the default: never from the past).
     pub fn with_list_cache(self, age: Duration) -> Self {
         Self {
-            pages: SharedReads::new().with_cache(age),
+            lists: SharedReads::new().with_cache(age),
+            counts: SharedReads::new().with_cache(age),
             room_pages: SharedReads::new().with_cache(age),
             ..self
         }
@@ -179,42 +185,43 @@ impl PresenceService {
         Ok(())
     }
 
-    /// A page of users and one of guests (each of `size`, or, with `size`
-    /// 0, the counts), through [`SharedReads`]: callers asking the same at
-    /// once share a read that began after they asked.
-    async fn pages(
+    /// One page of both lists of `scope`, encoded, through [`SharedReads`]:
+    /// callers asking for the same page at once share a read that began
+    /// after they asked, and its encoding.
+    async fn list_page(
         &self,
         scope: &Scope,
-        users: &Cursor,
-        guests: &Cursor,
-        size: usize,
-    ) -> Result<(KindPage, KindPage), ApiError> {
+        token: OnlinePageToken,
+        size: PageSize,
+    ) -> Result<EncodedListOnline, ApiError> {
         // A finished list still gives its exact count on every page.
         let part = |cursor: &Cursor| {
-            (
-                cursor.after().map(str::to_owned),
-                if cursor.is_done() { 0 } else { size },
-            )
+            let size = if cursor.is_done() { 0 } else { size.get() };
+            (cursor.after().map(str::to_owned), size)
         };
-        let key = (scope.clone(), [part(users), part(guests)]);
+        let key = (scope.clone(), [part(&token.users), part(&token.guests)]);
         let (store, scope, [users_part, guests_part]) = (self.store.clone(), scope.clone(), key.1.clone());
-        let (users_page, guests_page) = self
-            .pages
-            .read(key, move || async move {
-                store
-                    .pages(
-                        &scope,
-                        (users_part.0.as_deref(), users_part.1),
-                        (guests_part.0.as_deref(), guests_part.1),
-                    )
-                    .await
-            })
-            .await?;
-        let finish = |page: KindPage, cursor: &Cursor| KindPage {
-            done: page.done || cursor.is_done(),
-            ..page
-        };
-        Ok((finish(users_page, users), finish(guests_page, guests)))
+        let page = self.lists.read(key, move || async move {
+            let (users, guests) = store
+                .pages(
+                    &scope,
+                    (users_part.0.as_deref(), users_part.1),
+                    (guests_part.0.as_deref(), guests_part.1),
+                )
+                .await?;
+            Ok(EncodedListOnline::new(&list_response(&scope, &token, users, guests)))
+        });
+        Ok(page.await?)
+    }
+
+    /// The users and guests online in `scope`, shared the same way.
+    async fn counts(&self, scope: &Scope) -> Result<(u64, u64), ApiError> {
+        let (store, own_scope) = (self.store.clone(), scope.clone());
+        let counts = self.counts.read(scope.clone(), move || async move {
+            let (users, guests) = store.pages(&own_scope, (None, 0), (None, 0)).await?;
+            Ok((users.total, guests.total))
+        });
+        Ok(counts.await?)
     }
 
     /// A page of rooms, shared the same way.
@@ -270,6 +277,28 @@ impl<'a> Observed<'a> {
 impl Drop for Observed<'_> {
     fn drop(&mut self) {
         self.finish(Code::Cancelled);
+    }
+}
+
+/// A page of both lists as the client gets it: each list's part, the
+/// exact counts, and the token for the page after (whose cursors go on
+/// from the last name given, or are done).
+fn list_response(scope: &Scope, token: &OnlinePageToken, users: KindPage, guests: KindPage) -> ListOnlineResponse {
+    let cursor = |page: &KindPage, was: &Cursor| match page.names.last() {
+        _ if page.done || was.is_done() => Cursor::Done,
+        Some(last) => Cursor::After(last.clone()),
+        None => was.clone(),
+    };
+    let next = OnlinePageToken {
+        users: cursor(&users, &token.users),
+        guests: cursor(&guests, &token.guests),
+    };
+    ListOnlineResponse {
+        next_page_token: next.encode(scope),
+        user_count: users.total,
+        guest_count: guests.total,
+        users: users.names,
+        guests: guests.names,
     }
 }
 
@@ -368,7 +397,7 @@ impl presence_server::Presence for PresenceService {
         .await
     }
 
-    async fn list_online(&self, request: Request<ListOnlineRequest>) -> Result<Response<ListOnlineResponse>, Status> {
+    async fn list_online(&self, request: Request<ListOnlineRequest>) -> Result<Response<EncodedListOnline>, Status> {
         let deadline = deadline_of(request.metadata());
         let request = request.into_inner();
         self.call("ListOnline", deadline, async {
@@ -376,23 +405,7 @@ impl presence_server::Presence for PresenceService {
             let size = PageSize::coerce(request.limit);
             let token =
                 OnlinePageToken::parse(&request.page_token, &scope).map_err(|e| ApiError::invalid("page_token", e))?;
-            let (users, guests) = self.pages(&scope, &token.users, &token.guests, size.get()).await?;
-            let cursor = |page: &KindPage, was: &Cursor| match page.names.last() {
-                _ if page.done => Cursor::Done,
-                Some(last) => Cursor::After(last.clone()),
-                None => was.clone(),
-            };
-            let next = OnlinePageToken {
-                users: cursor(&users, &token.users),
-                guests: cursor(&guests, &token.guests),
-            };
-            Ok(ListOnlineResponse {
-                next_page_token: next.encode(&scope),
-                user_count: users.total,
-                guest_count: guests.total,
-                users: users.names,
-                guests: guests.names,
-            })
+            self.list_page(&scope, token, size).await
         })
         .await
     }
@@ -405,10 +418,10 @@ impl presence_server::Presence for PresenceService {
         let request = request.into_inner();
         self.call("CountOnline", deadline, async {
             let scope = parse_scope(request.room)?;
-            let (users, guests) = self.pages(&scope, &Cursor::Start, &Cursor::Start, 0).await?;
+            let (user_count, guest_count) = self.counts(&scope).await?;
             Ok(CountOnlineResponse {
-                user_count: users.total,
-                guest_count: guests.total,
+                user_count,
+                guest_count,
             })
         })
         .await

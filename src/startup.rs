@@ -16,7 +16,7 @@ use crate::error::OutageLog;
 use crate::guests::GuestPrivacy;
 use crate::limits::RequestSizeLayer;
 use crate::metrics::{self, Metrics};
-use crate::proto::{self, v1::presence_server::PresenceServer};
+use crate::proto::{self, server::presence_server::PresenceServer};
 use crate::service::PresenceService;
 use crate::settings::{SettingError, Settings};
 use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, Store, memory::MemoryStoreConfig};
@@ -340,7 +340,7 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name(proto::v1::presence_server::SERVICE_NAME)
+        .with_service_name(proto::server::presence_server::SERVICE_NAME)
         .with_service_name("grpc.health.v1.Health")
 }
 

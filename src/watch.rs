@@ -40,7 +40,8 @@ use crate::domain::{Counts, Kind, Scope};
 use crate::error::ApiError;
 use crate::locks::lock;
 use crate::metrics::{CallType, Metrics};
-use crate::proto::v1::{OnlineChanges, OnlineSnapshot, WatchOnlineResponse, presence_server, watch_online_response};
+use crate::proto::server::presence_server;
+use crate::proto::v1::{OnlineChanges, OnlineSnapshot, WatchOnlineResponse, watch_online_response};
 use crate::store::{Change, SNAPSHOT_NAMES, Store, StoreError};
 
 /// Flushed messages a watcher may be behind before it must resync; also
