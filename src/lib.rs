@@ -19,7 +19,7 @@
 //!   requests into domain values and failures into gRPC statuses (`error`),
 //!   within each client's deadline. `shared_reads` lets concurrent
 //!   identical lists and counts share one Redis read (and, opt-in, a
-//!   short cache).
+//!   short cache); `encoded` lets them share the page's encoding too.
 //! - `watch`: `WatchOnline`, one subscription per watched scope fanned out
 //!   to every watcher on the replica.
 //! - `codec`: prost's gRPC codec, with a small first encode buffer per call
