@@ -23,6 +23,7 @@ for_each_backend!(
     with_last_seen_off_check_online_gives_no_last_seen,
     last_seen_follows_reports_to_within_its_precision,
     under_concurrent_lists_each_shows_every_report_that_returned_before_it_was_asked,
+    concurrent_walks_of_different_pages_and_rooms_each_get_their_own_pages,
     the_list_cache_answers_from_the_past_for_at_most_its_age,
 );
 
@@ -427,6 +428,59 @@ async fn under_concurrent_lists_each_shows_every_report_that_returned_before_it_
         caller.await.expect("a caller panicked");
     }
     assert_eq!(app.count("").await.expect("counted").0, 320);
+}
+
+/// Concurrent identical pages share one read and one encoding: callers
+/// asking *different* pages (another place in the walk, another size,
+/// another room) must never be given each other's. Walkers of the site and
+/// of two rooms, four for each scope and page size, walk three times each
+/// (so they drift out of step and ask different pages of one scope and
+/// size at once), and meet each name of their scope exactly once per walk,
+/// in byte order, with exact counts.
+async fn concurrent_walks_of_different_pages_and_rooms_each_get_their_own_pages(backend: Backend) {
+    let (app, _redis) = start(backend, LONG).await;
+    let app = std::sync::Arc::new(app);
+    let rooms = [unique("walk-a"), unique("walk-b")];
+    let mut expected: Vec<(String, Vec<String>)> = vec![(String::new(), Vec::new())];
+    for (r, room) in rooms.iter().enumerate() {
+        let names: Vec<String> = (0..40 + 25 * r).map(|i| format!("{room}-{i:03}")).collect();
+        let request = ReportBatchRequest {
+            usernames: names.clone(),
+            ip_addresses: Vec::new(),
+            room: room.clone(),
+        };
+        app.client.clone().report_batch(request).await.expect("reported");
+        expected[0].1.extend(names.iter().cloned());
+        expected.push((room.clone(), sorted(names)));
+    }
+    expected[0].1 = sorted(std::mem::take(&mut expected[0].1));
+    let mut walkers = Vec::new();
+    for size in [1u32, 2, 3, 5, 8, 13] {
+        for (room, names) in &expected {
+            for _ in 0..4 {
+                let (app, room, names) = (app.clone(), room.clone(), names.clone());
+                walkers.push(tokio::spawn(async move {
+                    for _ in 0..3 {
+                        let everyone = app.everyone_in(&room, size).await.expect("walked");
+                        assert_eq!(everyone.users, names, "room {room:?}, pages of {size}");
+                        assert_eq!(
+                            everyone.user_count,
+                            names.len() as u64,
+                            "room {room:?}, pages of {size}"
+                        );
+                        assert!(
+                            everyone.pages <= names.len() / size as usize + 1,
+                            "{} pages",
+                            everyone.pages
+                        );
+                    }
+                }));
+            }
+        }
+    }
+    for walker in walkers {
+        walker.await.expect("a walker panicked");
+    }
 }
 
 /// With `PRESENCE_LIST_CACHE`, lists, counts and lists of rooms may come
