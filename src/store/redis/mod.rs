@@ -218,7 +218,7 @@ impl Redis {
 
     /// Pages of one or more kinds of `scope` (each: the kind, after, size;
     /// see [`keyspace::PAGE_SCRIPT`]) in one script call: their keys must
-    /// share a slot.
+    /// share a slot. [`one_each`] takes them apart.
     async fn pages(&self, scope: &Scope, wanted: &[(Kind, Option<&str>, usize)]) -> Result<Vec<KindPage>, StoreError> {
         let mut invocation = self.scripts.page.prepare_invoke();
         for &(kind, _, _) in wanted {
@@ -448,6 +448,13 @@ impl SendBatch for Redis {
         })
         .await
     }
+}
+
+/// The pages [`Redis::pages`] read, one for each kind asked for.
+fn one_each<const N: usize>(pages: Vec<KindPage>) -> Result<[KindPage; N], StoreError> {
+    pages
+        .try_into()
+        .map_err(|pages: Vec<KindPage>| StoreError::Protocol(format!("{} pages for {N} kinds", pages.len())))
 }
 
 /// Where the sweep of the rooms stands: which interval it is for, which
@@ -740,7 +747,7 @@ impl Store for RedisStore {
 
     async fn page(&self, scope: &Scope, kind: Kind, after: Option<&str>, size: usize) -> Result<KindPage, StoreError> {
         let pages = self.redis.pages(scope, &[(kind, after, size)]).await;
-        self.failed(pages.map(|mut pages| pages.swap_remove(0)))
+        self.failed(pages.and_then(|pages| one_each(pages).map(|[page]| page)))
     }
 
     async fn pages(
@@ -753,13 +760,13 @@ impl Store for RedisStore {
         let (users, guests) = ([(Kind::Users, users.0, users.1)], [(Kind::Guests, guests.0, guests.1)]);
         let pages = if redis.connections.is_cluster() && scope == &Scope::Site {
             // The site's kinds have a hash tag each, so a slot each.
-            tokio::try_join!(redis.pages(scope, &users), redis.pages(scope, &guests))
-                .map(|(mut users, mut guests)| (users.swap_remove(0), guests.swap_remove(0)))
-        } else {
-            redis.pages(scope, &[users[0], guests[0]]).await.map(|mut both| {
-                let guests = both.swap_remove(1);
-                (both.swap_remove(0), guests)
+            tokio::try_join!(redis.pages(scope, &users), redis.pages(scope, &guests)).and_then(|(users, guests)| {
+                let ([users], [guests]) = (one_each(users)?, one_each(guests)?);
+                Ok((users, guests))
             })
+        } else {
+            let both = redis.pages(scope, &[users[0], guests[0]]).await;
+            both.and_then(|both| one_each(both).map(|[users, guests]| (users, guests)))
         };
         self.failed(pages)
     }
