@@ -393,10 +393,7 @@ impl WatchHub {
     }
 
     async fn counts(&self, scope: &Scope) -> Result<Counts, StoreError> {
-        let (users, guests) = tokio::try_join!(
-            self.store.page(scope, Kind::Users, None, 0),
-            self.store.page(scope, Kind::Guests, None, 0),
-        )?;
+        let (users, guests) = self.store.pages(scope, (None, 0), (None, 0)).await?;
         Ok(Counts {
             users: users.total,
             guests: guests.total,
