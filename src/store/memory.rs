@@ -314,16 +314,22 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn page(&self, scope: &Scope, kind: Kind, after: Option<&str>, size: usize) -> Result<KindPage, StoreError> {
+    async fn pages(
+        &self,
+        scope: &Scope,
+        users: (Option<&str>, usize),
+        guests: (Option<&str>, usize),
+    ) -> Result<(KindPage, KindPage), StoreError> {
         let mut state = self.state();
-        Ok(match self.touch(&mut state, scope, kind, false) {
+        let mut page = |kind, (after, size): (Option<&str>, usize)| match self.touch(&mut state, scope, kind, false) {
             Some(sets) => sets.page(after, size),
             None => KindPage {
                 names: Vec::new(),
                 total: 0,
                 done: true,
             },
-        })
+        };
+        Ok((page(Kind::Users, users), page(Kind::Guests, guests)))
     }
 
     async fn check(&self, scope: &Scope, kind: Kind, names: &[&str]) -> Result<Vec<bool>, StoreError> {
@@ -511,8 +517,12 @@ mod tests {
         Scope::parse(name.to_owned()).expect("a valid room")
     }
 
+    async fn users_page(store: &MemoryStore, scope: &Scope, after: Option<&str>, size: usize) -> KindPage {
+        store.pages(scope, (after, size), (None, 0)).await.expect("pages").0
+    }
+
     async fn listed(store: &MemoryStore, scope: &Scope) -> Vec<String> {
-        store.page(scope, Kind::Users, None, 1000).await.expect("pages").names
+        users_page(store, scope, None, 1000).await.names
     }
 
     #[tokio::test(start_paused = true)]
@@ -567,13 +577,10 @@ mod tests {
             .report(&Scope::Site, users(&["a", "b", "c", "d"]), Instant::now())
             .await
             .expect("stored");
-        let first = store.page(&Scope::Site, Kind::Users, None, 2).await.expect("pages");
+        let first = users_page(&store, &Scope::Site, None, 2).await;
         assert_eq!(first.names, ["a", "b"]);
         tokio::time::advance(T).await;
-        let second = store
-            .page(&Scope::Site, Kind::Users, Some("b"), 2)
-            .await
-            .expect("pages");
+        let second = users_page(&store, &Scope::Site, Some("b"), 2).await;
         assert_eq!(second.names, ["c", "d"]);
         assert_eq!(second.total, 4);
     }

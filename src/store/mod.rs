@@ -50,24 +50,17 @@ pub trait Store: Send + Sync + 'static {
     /// too). Once it returns, no replica skips a report of these names.
     async fn leave(&self, scope: &Scope, visitors: &Visitors) -> Result<(), StoreError>;
 
-    /// One page of one kind in `scope`: up to `size` names after `after`,
-    /// in byte order, and the exact total. `size` 0 is a count.
-    async fn page(&self, scope: &Scope, kind: Kind, after: Option<&str>, size: usize) -> Result<KindPage, StoreError>;
-
     /// A page of users and one of guests in `scope`, each given as (after,
-    /// size) as for [`Store::page`]. A store that can read both in one
-    /// round trip does: a list or a count asks for both kinds every time.
+    /// size): up to `size` names after `after`, in byte order, and the
+    /// exact total; `size` 0 is a count. A list or a count asks for both
+    /// kinds every time, so a store reads both at once where it can (one
+    /// Redis round trip).
     async fn pages(
         &self,
         scope: &Scope,
         users: (Option<&str>, usize),
         guests: (Option<&str>, usize),
-    ) -> Result<(KindPage, KindPage), StoreError> {
-        tokio::try_join!(
-            self.page(scope, Kind::Users, users.0, users.1),
-            self.page(scope, Kind::Guests, guests.0, guests.1),
-        )
-    }
+    ) -> Result<(KindPage, KindPage), StoreError>;
 
     /// Whether each name of `kind` is online in `scope`, in order.
     async fn check(&self, scope: &Scope, kind: Kind, names: &[&str]) -> Result<Vec<bool>, StoreError>;

@@ -216,10 +216,11 @@ impl Redis {
         }
     }
 
-    /// Pages of one or more kinds of `scope` (each: the kind, after, size;
-    /// see [`keyspace::PAGE_SCRIPT`]) in one script call: their keys must
-    /// share a slot. [`one_each`] takes them apart.
-    async fn pages(&self, scope: &Scope, wanted: &[(Kind, Option<&str>, usize)]) -> Result<Vec<KindPage>, StoreError> {
+    /// A page of each of one or more kinds of `scope` (each: the kind,
+    /// after, size; see [`keyspace::PAGE_SCRIPT`]) in one script call:
+    /// their keys must share a slot. [`one_each`] takes them apart. (Its
+    /// round trip's trace span is named after it: `page`.)
+    async fn page(&self, scope: &Scope, wanted: &[(Kind, Option<&str>, usize)]) -> Result<Vec<KindPage>, StoreError> {
         let mut invocation = self.scripts.page.prepare_invoke();
         for &(kind, _, _) in wanted {
             for key in self.kind_keys(scope, kind) {
@@ -450,7 +451,7 @@ impl SendBatch for Redis {
     }
 }
 
-/// The pages [`Redis::pages`] read, one for each kind asked for.
+/// The pages [`Redis::page`] read, one for each kind asked for.
 fn one_each<const N: usize>(pages: Vec<KindPage>) -> Result<[KindPage; N], StoreError> {
     pages
         .try_into()
@@ -745,11 +746,6 @@ impl Store for RedisStore {
         self.bus.invalidate(scope, visitors).await
     }
 
-    async fn page(&self, scope: &Scope, kind: Kind, after: Option<&str>, size: usize) -> Result<KindPage, StoreError> {
-        let pages = self.redis.pages(scope, &[(kind, after, size)]).await;
-        self.failed(pages.and_then(|pages| one_each(pages).map(|[page]| page)))
-    }
-
     async fn pages(
         &self,
         scope: &Scope,
@@ -760,12 +756,12 @@ impl Store for RedisStore {
         let (users, guests) = ([(Kind::Users, users.0, users.1)], [(Kind::Guests, guests.0, guests.1)]);
         let pages = if redis.connections.is_cluster() && scope == &Scope::Site {
             // The site's kinds have a hash tag each, so a slot each.
-            tokio::try_join!(redis.pages(scope, &users), redis.pages(scope, &guests)).and_then(|(users, guests)| {
+            tokio::try_join!(redis.page(scope, &users), redis.page(scope, &guests)).and_then(|(users, guests)| {
                 let ([users], [guests]) = (one_each(users)?, one_each(guests)?);
                 Ok((users, guests))
             })
         } else {
-            let both = redis.pages(scope, &[users[0], guests[0]]).await;
+            let both = redis.page(scope, &[users[0], guests[0]]).await;
             both.and_then(|both| one_each(both).map(|[users, guests]| (users, guests)))
         };
         self.failed(pages)
