@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::{
     common::v1::{KeyValue, any_value::Value},
     trace::v1::{Span, span::SpanKind, status::StatusCode},
 };
-use presence::proto::v1::{ReportUserRequest, WatchOnlineRequest};
+use presence::proto::v1::{ListOnlineRequest, ReportUserRequest, WatchOnlineRequest};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -255,6 +255,32 @@ async fn a_callers_trace_continues_through_presence_with_grpc_attributes_and_a_r
         Some("report")
     );
     assert_eq!(int(&redis_span.attributes, "presence.batch.reports"), Some(1));
+
+    // A list's round trip is named `page` (the README's list of operations).
+    let (list_trace, _, traceparent) = caller_trace();
+    let list = ListOnlineRequest {
+        limit: 10,
+        page_token: String::new(),
+        room: String::new(),
+    };
+    presence
+        .client
+        .clone()
+        .list_online(traced(list, &traceparent))
+        .await
+        .expect("listed");
+    let list_server = collector
+        .wait_for_span(&list_trace, "presence.v1.Presence/ListOnline")
+        .await;
+    let list_redis = eventually("a Redis child span of the list", Duration::from_secs(20), || {
+        let found = collector
+            .trace(&list_trace)
+            .into_iter()
+            .find(|span| span.parent_span_id == list_server.span_id && span.name == "redis");
+        async move { found }
+    })
+    .await;
+    assert_eq!(string(&list_redis.attributes, "db.operation").as_deref(), Some("page"));
 
     // The resource names the service as told.
     let (resource, _) = collector
