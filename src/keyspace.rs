@@ -21,7 +21,8 @@
 //! `{P:room:E}:version` and `{P:room:E}:watched`, all expiring on their own
 //! a little after two intervals without a report. And the rooms index:
 //! `{P:rooms}:names` (rooms by name), `{P:rooms}:users` (scored by minus
-//! the users online, so busiest first is ascending) and `{P:rooms}:guests`, `{P:rooms}:versions`, `{P:rooms}:seen:START` (the rooms
+//! the users online, so busiest first is ascending), `{P:rooms}:indexed` (the
+//! version of each room's counts there), `{P:rooms}:seen:START` (the rooms
 //! reported into during the interval that starts at START, for the sweep)
 //! and `{P:rooms}:sweep` (which replica sweeps the rooms this interval).
 //!
@@ -201,8 +202,9 @@ impl SiteKeys {
 pub struct RoomsIndexKeys {
     pub names: String,
     pub users: String,
-    pub guests: String,
-    pub versions: String,
+    /// Sorted set: the version of each room's counts in the index, so that
+    /// an older update arriving late is ignored.
+    pub indexed: String,
     seen: String,
     pub sweep: String,
 }
@@ -211,6 +213,12 @@ impl RoomsIndexKeys {
     /// The rooms reported into during the interval starting at `start`.
     pub fn seen(&self, start: u64) -> String {
         format!("{}:{start}", self.seen)
+    }
+
+    /// What every interval's seen set starts with: [`ROOM_REPORT_SCRIPT`]
+    /// appends `:START` itself.
+    pub fn seen_prefix(&self) -> &str {
+        &self.seen
     }
 }
 
@@ -265,8 +273,7 @@ impl Keyspace {
             rooms: RoomsIndexKeys {
                 names: format!("{rooms_tag}:names"),
                 users: format!("{rooms_tag}:users"),
-                guests: format!("{rooms_tag}:guests"),
-                versions: format!("{rooms_tag}:versions"),
+                indexed: format!("{rooms_tag}:indexed"),
                 seen: format!("{rooms_tag}:seen"),
                 sweep: format!("{rooms_tag}:sweep"),
             },
@@ -347,6 +354,31 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Whether someone watches the kind's scope, read once per script: a
+-- script never changes it after its first read.
+local function watched(k)
+  if k.watching == nil then
+    k.watching = redis.call('EXISTS', k.watched) == 1
+  end
+  return k.watching
+end
+
+-- Reads the interval keys of kinds and their (shared) watched key in one
+-- call, for `catch_up` and `watched`: a room's report would otherwise spend
+-- three calls on them.
+local function prefetch(kinds)
+  local keys = {}
+  for i, k in ipairs(kinds) do
+    keys[i] = k.interval
+  end
+  keys[#keys + 1] = kinds[1].watched
+  local got = redis.call('MGET', unpack(keys))
+  for i, k in ipairs(kinds) do
+    k.since = got[i]
+    k.watching = got[#got] ~= false
+  end
+end
+
 -- Drops a set that leaves the lists. While someone watches, its names move
 -- to `leaving`, to be announced in small steps; names still there from an
 -- earlier rotation are dropped unannounced, and a jump in `seq` tells the
@@ -376,15 +408,22 @@ end
 -- after the interval's start its keys may live without another report.
 -- Returns the interval's start, 1 if this call rotated, and the interval
 -- key's state: 0 absent (nothing here), 1 already current, 2 written now.
+-- The interval key may have been read already (`prefetch`).
 local function catch_up(k, period, now, keep)
   local start = now - (now % period)
-  local since = tonumber(redis.call('GET', k.interval))
+  local raw = k.since
+  if raw == nil then
+    raw = redis.call('GET', k.interval)
+  end
+  -- Read once: this call may move the interval on.
+  k.since = nil
+  local since = tonumber(raw)
   if since ~= nil and since >= start then
     return since, 0, 1
   end
   local rotated = 0
   if since ~= nil then
-    local watching = redis.call('EXISTS', k.watched) == 1
+    local watching = watched(k)
     local keep_until = 0
     if keep > 0 then
       keep_until = start + keep
@@ -408,8 +447,10 @@ local function catch_up(k, period, now, keep)
       end
     end
     rotated = 1
-  elseif redis.call('EXISTS', k.current, k.old) == 0 then
-    -- Nothing here: reading an empty scope must not create keys.
+  elseif keep > 0 or redis.call('EXISTS', k.current, k.old) == 0 then
+    -- Nothing here: reading an empty scope must not create keys. A scope
+    -- whose keys expire (`keep`) has none without its interval key: each
+    -- key expires no later than the interval key written with it.
     return start, 0, 0
   end
   if keep > 0 then
@@ -436,7 +477,7 @@ local function add(k, kind, names)
   if #names == 0 then
     return 0
   end
-  if redis.call('EXISTS', k.watched) == 0 then
+  if not watched(k) then
     local members = {}
     for i, name in ipairs(names) do
       members[2 * i - 1] = 0
@@ -468,7 +509,7 @@ local function remove(k, kind, names)
   if #names == 0 then
     return
   end
-  if redis.call('EXISTS', k.watched) == 0 then
+  if not watched(k) then
     redis.call('ZREM', k.current, unpack(names))
     redis.call('ZREM', k.old, unpack(names))
   else
@@ -511,6 +552,7 @@ local function room_args()
   local guests = kind_at(KEYS, 8, false)
   local period, keep, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
   local now = now_ms()
+  prefetch({users, guests})
   local start, _, users_state = catch_up(users, period, now, keep)
   local _, _, guests_state = catch_up(guests, period, now, keep)
   local user_names, guest_names = {}, {}
@@ -521,6 +563,35 @@ local function room_args()
     guest_names[#guest_names + 1] = ARGV[i]
   end
   return users, guests, start, keep, user_names, guest_names, {users_state, guests_state}
+end
+"#
+    };
+}
+
+/// The rooms index's update of one room, shared by the index script and
+/// (off a cluster) the room report script: the room's counts go in only if
+/// their version is newer than the one indexed (updates from many replicas
+/// may arrive out of order): `ZADD GT CH` on `indexed` both compares and
+/// records it, in one call. A room with nobody online leaves the index.
+/// `ListRooms` reads each listed room's counts afresh, so the index keeps
+/// only what orders the rooms: names, and users online. `index` holds the
+/// keys names, users, indexed.
+macro_rules! index_room {
+    () => {
+        r#"
+local function index_room(index, room, users, guests, version)
+  if redis.call('ZADD', index.indexed, 'GT', 'CH', version, room) == 0 then
+    return
+  end
+  if users == 0 and guests == 0 then
+    redis.call('ZREM', index.names, room)
+    redis.call('ZREM', index.users, room)
+    redis.call('ZREM', index.indexed, room)
+  elseif redis.call('ZADD', index.users, -users, room) == 1 then
+    -- Minus the count: ascending order is busiest first, ties by name.
+    -- New in the index: it enters (and leaves) all three keys at once.
+    redis.call('ZADD', index.names, 0, room)
+  end
 end
 "#
     };
@@ -585,12 +656,28 @@ return {start, rotated}
 /// script runs for every visit to a room, and each Redis call it makes
 /// costs about 1.5 µs inside Redis.
 ///
-/// `KEYS`: users' 7 keys, guests' 7 keys, version.
-/// `ARGV`: interval ms, keep ms, number of users, the users, the guests.
+/// Off a cluster, where one script may touch keys of any slot, it also
+/// updates the rooms index and notes the room in the interval's seen set:
+/// one script call per room instead of two, with nothing to wait for in
+/// between. In a cluster the index is in a slot of its own, and the caller
+/// updates it with [`INDEX_ROOMS_SCRIPT`] from the counts returned.
+///
+/// `KEYS`: users' 7 keys, guests' 7 keys, version; off a cluster, then the
+/// index's names, users, indexed, and the seen sets' common start (the
+/// interval's start is appended: the one key not named in full, as only
+/// the script knows the interval).
+/// `ARGV`: interval ms, keep ms, number of users, the users, the guests;
+/// off a cluster, then the room.
 /// Returns `{interval start, users online, guests online, version}`.
 pub const ROOM_REPORT_SCRIPT: &str = concat!(
     prelude!(),
+    index_room!(),
     r#"
+local indexed = #KEYS > 15
+local room
+if indexed then
+  room = table.remove(ARGV)
+end
 local users, guests, start, keep, user_names, guest_names, states = room_args()
 local expires = start + keep
 local kinds = {{users, 'users', user_names}, {guests, 'guests', guest_names}}
@@ -624,6 +711,14 @@ end
 local version = redis.call('INCR', KEYS[15])
 if renew or version == 1 then
   redis.call('PEXPIREAT', KEYS[15], expires)
+end
+if indexed then
+  index_room({names = KEYS[16], users = KEYS[17], indexed = KEYS[18]}, room, counts[1], counts[2], version)
+  -- The sweep reads an interval's set during the two that follow.
+  local seen = KEYS[19] .. ':' .. start
+  if redis.call('ZADD', seen, 0, room) == 1 then
+    redis.call('PEXPIREAT', seen, start + 3 * tonumber(ARGV[1]))
+  end
 end
 return {start, counts[1], counts[2], version}
 "#
@@ -957,47 +1052,30 @@ return {u, g, version}
 "#
 );
 
-/// Updates the rooms index with rooms' counts, each only if its version is
-/// newer than the one stored (updates from many replicas may arrive out of
-/// order). A room with nobody online leaves the index. Rooms reported into
-/// are noted in the set of their interval, for the sweep.
+/// Updates the rooms index with rooms' counts (see `index_room!`). Rooms
+/// reported into are noted in the set of their interval, for the sweep.
 ///
-/// `KEYS`: names, users, guests, versions, seen set of the interval (for
-/// reports; any key for the sweep). `ARGV`: expiry of the seen set (Unix
-/// ms, 0 not to note), then groups of 4: room, users, guests, version.
-pub const INDEX_ROOMS_SCRIPT: &str = r#"
+/// `KEYS`: names, users, indexed, seen set of the interval (for reports;
+/// any key for the sweep). `ARGV`: expiry of the seen set (Unix ms, 0 not to
+/// note), then groups of 4: room, users, guests, version.
+pub const INDEX_ROOMS_SCRIPT: &str = concat!(
+    index_room!(),
+    r#"
+local index = {names = KEYS[1], users = KEYS[2], indexed = KEYS[3]}
 local note = tonumber(ARGV[1])
 for i = 2, #ARGV, 4 do
   local room = ARGV[i]
-  local version = tonumber(ARGV[i + 3])
-  local stored = tonumber(redis.call('HGET', KEYS[4], room)) or -1
-  if version > stored then
-    local users, guests = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-    if users == 0 and guests == 0 then
-      redis.call('ZREM', KEYS[1], room)
-      redis.call('ZREM', KEYS[2], room)
-      redis.call('ZREM', KEYS[3], room)
-      redis.call('HDEL', KEYS[4], room)
-    else
-      if stored == -1 then
-        -- New in the index (it enters and leaves all four keys at once).
-        redis.call('ZADD', KEYS[1], 0, room)
-      end
-      -- Minus the count: ascending order is busiest first, ties by name.
-      redis.call('ZADD', KEYS[2], -users, room)
-      redis.call('ZADD', KEYS[3], guests, room)
-      redis.call('HSET', KEYS[4], room, version)
-    end
-  end
+  index_room(index, room, tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]))
   if note > 0 then
-    redis.call('ZADD', KEYS[5], 0, room)
+    redis.call('ZADD', KEYS[4], 0, room)
   end
 end
 if note > 0 then
-  redis.call('PEXPIREAT', KEYS[5], note)
+  redis.call('PEXPIREAT', KEYS[4], note)
 end
 return 1
-"#;
+"#
+);
 
 /// One page of the rooms index: by name after a room, or busiest first from
 /// a rank. The users index scores each room by minus its count, so that
@@ -1147,13 +1225,7 @@ mod tests {
         assert_eq!(users, hash_tag(&keys.filter.replicas));
         assert_eq!(users, hash_tag(&keys.filter.direct("x")));
         let index = &keys.rooms;
-        for key in [
-            &index.users,
-            &index.guests,
-            &index.versions,
-            &index.seen(0),
-            &index.sweep,
-        ] {
+        for key in [&index.users, &index.indexed, &index.seen(0), &index.sweep] {
             assert_eq!(hash_tag(&index.names), hash_tag(key));
         }
     }

@@ -354,3 +354,84 @@ async fn a_rooms_version_outlives_its_other_keys_across_a_rotation() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!((listed[0].name.as_str(), listed[0].user_count), ("hall", 2));
 }
+
+/// The rooms index keeps each room's newest counts, whatever order updates
+/// from many replicas arrive in: an update older than the one indexed (a
+/// lower version, or the same) changes nothing, not even a room's leaving
+/// the index, and a newer one always lands. Run on the script itself, as
+/// replicas' updates cannot be made to arrive out of order from outside.
+#[tokio::test]
+async fn the_rooms_index_ignores_an_update_older_than_the_one_it_holds() {
+    use presence::keyspace::{INDEX_ROOMS_SCRIPT, KeyPrefix, Keyspace};
+    let (_app, redis) = start(Backend::Redis, LONG).await;
+    let redis = redis.expect("a Redis");
+    let mut direct = redis.connection().expect("a direct connection");
+    let index = Keyspace::new(&KeyPrefix::parse("ordering").expect("a prefix")).rooms;
+    let script = ::redis::Script::new(INDEX_ROOMS_SCRIPT);
+    let mut update = |room: &str, users: u64, guests: u64, version: u64| {
+        script
+            .key(&index.names)
+            .key(&index.users)
+            .key(&index.indexed)
+            .key(index.seen(0))
+            .arg(0)
+            .arg(room)
+            .arg(users)
+            .arg(guests)
+            .arg(version)
+            .invoke::<i64>(&mut direct)
+            .expect("the index script");
+        let listed: Vec<(String, f64)> = ::redis::cmd("ZRANGE")
+            .arg(&index.users)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query(&mut direct)
+            .expect("ZRANGE");
+        let names: Vec<String> = ::redis::cmd("ZRANGE")
+            .arg(&index.names)
+            .arg(0)
+            .arg(-1)
+            .query(&mut direct)
+            .expect("ZRANGE");
+        let indexed: Vec<String> = ::redis::cmd("ZRANGE")
+            .arg(&index.indexed)
+            .arg(0)
+            .arg(-1)
+            .query(&mut direct)
+            .expect("ZRANGE");
+        let mut by_name: Vec<String> = listed.iter().map(|(room, _)| room.clone()).collect();
+        by_name.sort();
+        let mut indexed_by_name = indexed;
+        indexed_by_name.sort();
+        assert_eq!((&names, &indexed_by_name), (&by_name, &by_name), "the keys agree");
+        listed
+    };
+    let room = |name: &str, users: f64| (name.to_owned(), -users);
+    assert_eq!(update("hall", 3, 0, 5), [room("hall", 3.0)]);
+    assert_eq!(update("hall", 9, 0, 4), [room("hall", 3.0)], "older: ignored");
+    assert_eq!(
+        update("hall", 0, 0, 5),
+        [room("hall", 3.0)],
+        "the same version: ignored"
+    );
+    // Busiest first: ascending by minus the users online.
+    assert_eq!(update("den", 2, 1, 1), [room("hall", 3.0), room("den", 2.0)]);
+    assert_eq!(update("den", 0, 0, 1), [room("hall", 3.0), room("den", 2.0)]);
+    assert_eq!(
+        update("den", 7, 0, 2),
+        [room("den", 7.0), room("hall", 3.0)],
+        "newer: lands"
+    );
+    assert_eq!(
+        update("yard", 0, 4, 1),
+        [room("den", 7.0), room("hall", 3.0), room("yard", 0.0)],
+        "guests only: indexed"
+    );
+    assert_eq!(
+        update("hall", 0, 0, 6),
+        [room("den", 7.0), room("yard", 0.0)],
+        "newer and empty: out of every key"
+    );
+    assert_eq!(update("den", 1, 0, 1), [room("den", 7.0), room("yard", 0.0)]);
+}

@@ -162,6 +162,17 @@ impl Scripts {
     }
 }
 
+/// Who updates the rooms index after a change in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Indexed {
+    /// The room's script itself, in the same atomic step: off a cluster,
+    /// where a script may touch keys of any slot.
+    InScript,
+    /// The caller, with the counts returned: in a cluster, the index lives
+    /// in a slot of its own.
+    ByCaller,
+}
+
 /// A room's new counts, for the rooms index.
 struct RoomUpdate {
     room: Room,
@@ -304,24 +315,36 @@ impl Redis {
 
     /// Reports names into a room, or takes them off (`script`): both are
     /// answered with the interval they landed in and the room's new counts.
+    /// With `Indexed::InScript` (reports, off a cluster) the script has
+    /// updated the rooms index too.
     async fn room_change(
         &self,
         mut connection: RedisConnection,
         script: &Script,
         room: &Room,
-        users: &[&str],
-        guests: &[&str],
+        (users, guests): (&[&str], &[&str]),
+        indexed: Indexed,
     ) -> Result<(u64, RoomUpdate), StoreError> {
-        let (start, u, g, version): (u64, u64, u64, u64) = self
-            .room_script(script, room)
+        let mut invocation = self.room_script(script, room);
+        if indexed == Indexed::InScript {
+            let index = &self.keys.rooms;
+            invocation
+                .key(&index.names)
+                .key(&index.users)
+                .key(&index.indexed)
+                .key(index.seen_prefix());
+        }
+        invocation
             .arg(self.publish)
             .arg(self.period)
             .arg(self.keep)
             .arg(users.len())
             .arg(users)
-            .arg(guests)
-            .invoke_async(&mut connection)
-            .await?;
+            .arg(guests);
+        if indexed == Indexed::InScript {
+            invocation.arg(room.as_str());
+        }
+        let (start, u, g, version): (u64, u64, u64, u64) = invocation.invoke_async(&mut connection).await?;
         let update = RoomUpdate {
             room: room.clone(),
             counts: Counts { users: u, guests: g },
@@ -362,8 +385,7 @@ impl Redis {
             invocation
                 .key(&index.names)
                 .key(&index.users)
-                .key(&index.guests)
-                .key(&index.versions)
+                .key(&index.indexed)
                 .key(&seen_key);
             // The sweep reads an interval's set during the two that follow.
             invocation.arg(seen.map_or(0, |start| start + 3 * self.period));
@@ -426,8 +448,14 @@ impl SendBatch for Redis {
                 }
             });
             let [users, guests] = site_parts;
+            let indexed = if self.connections.is_cluster() {
+                Indexed::ByCaller
+            } else {
+                Indexed::InScript
+            };
             let room_parts = rooms.iter().map(|(room, (users, guests))| {
-                self.room_change(connection.clone(), &self.scripts.room_report, room, users, guests)
+                let names = (users.as_slice(), guests.as_slice());
+                self.room_change(connection.clone(), &self.scripts.room_report, room, names, indexed)
             });
             let (users, guests, rooms) =
                 tokio::try_join!(users, guests, futures_util::future::try_join_all(room_parts))?;
@@ -436,11 +464,14 @@ impl SendBatch for Redis {
                 guests,
                 rooms: HashMap::new(),
             };
-            // Index updates, grouped by the interval they were reported in.
+            // Index updates left to do, grouped by the interval they were
+            // reported in.
             let mut by_start: BTreeMap<u64, Vec<RoomUpdate>> = BTreeMap::new();
             for (start, update) in rooms {
                 written.rooms.insert(update.room.clone(), start);
-                by_start.entry(start).or_default().push(update);
+                if indexed == Indexed::ByCaller {
+                    by_start.entry(start).or_default().push(update);
+                }
             }
             for (start, updates) in by_start {
                 self.index_rooms(connection.clone(), &updates, Some(start)).await?;
@@ -705,7 +736,9 @@ impl Store for RedisStore {
                             }
                         }
                         let leaves = in_rooms.iter().map(|(room, (users, guests))| {
-                            redis.room_change(connection.clone(), &redis.scripts.room_leave, room, users, guests)
+                            let names = (users.as_slice(), guests.as_slice());
+                            let script = &redis.scripts.room_leave;
+                            redis.room_change(connection.clone(), script, room, names, Indexed::ByCaller)
                         });
                         updates = futures_util::future::try_join_all(leaves)
                             .await?
@@ -715,8 +748,10 @@ impl Store for RedisStore {
                     }
                     Scope::Room(room) => {
                         let (users, guests) = (visitors.names(Kind::Users), visitors.names(Kind::Guests));
+                        let names = (users.as_slice(), guests.as_slice());
+                        let script = &redis.scripts.room_leave;
                         let (_, update) = redis
-                            .room_change(connection.clone(), &redis.scripts.room_leave, room, &users, &guests)
+                            .room_change(connection.clone(), script, room, names, Indexed::ByCaller)
                             .await?;
                         updates.push(update);
                         for kind in Kind::ALL {
