@@ -25,13 +25,16 @@ seconds, or until process --pid exits, beside work that something else does
 (a ListOnline walk through the service, say). It prints
   {"max_stall_ms": …, "p50_ms": …, "pings": …, "seconds": …,
    "server_max_ms": …, "server_max_command": …, "server_max_by_command": {…},
-   "slowlog_threshold_us": …, "slowlog_entries": …}
+   "slowlog_threshold_us": …, "slowlog_entries": …, "server_events_ms": {…}}
 where server_max_ms is the longest any one command ran inside Redis while it
 watched (from SLOWLOG, which logs only commands slower than
 --slowlog-threshold-us, default 100 µs, so that a busy Redis does not flood
 it: 0 means none was slower) and server_max_by_command the same per command
 name, server_max_args the slowest one's first arguments (for EVALSHA,
 the script's SHA and keys). Every other client's commands count, as they stall the PING loop.
+server_events_ms is what Redis's latency monitor saw take 1 ms or more (its
+granularity), by event (command, fast-command, expire-cycle, ...): work
+inside Redis that SLOWLOG does not show, such as expiring keys.
 
 Only the standard library; only the loopback address given.
 
@@ -143,18 +146,27 @@ def alive(pid):
 
 
 def watch(args, pinger, worker):
-    """PINGs until the duration passes or the pid exits; SLOWLOG says what ran long in Redis."""
-    saved = {key: call(worker, "CONFIG", "GET", key)[1] for key in ("slowlog-log-slower-than", "slowlog-max-len")}
+    """PINGs until the duration passes or the pid exits; SLOWLOG says what ran long in Redis, and
+    Redis's latency monitor what else did (an expire cycle, say), at its 1 ms granularity."""
+    watched = ("slowlog-log-slower-than", "slowlog-max-len", "latency-monitor-threshold")
+    saved = {key: call(worker, "CONFIG", "GET", key)[1] for key in watched}
     call(worker, "CONFIG", "SET", "slowlog-log-slower-than", str(args.slowlog_threshold_us), "slowlog-max-len", "100000")
+    call(worker, "CONFIG", "SET", "latency-monitor-threshold", "1")
     call(worker, "SLOWLOG", "RESET")
+    call(worker, "LATENCY", "RESET")
     start = time.perf_counter()
+    started_unix = time.time()
     until = start + (args.duration if args.duration is not None else args.timeout)
     rtts = []
+    worst, worst_at = 0.0, 0.0
     # Checking the pid is a file read: once every 10 ms is plenty.
     next_check = start
     while time.perf_counter() < until:
-        rtts.append(ping(pinger))
+        rtt = ping(pinger)
+        rtts.append(rtt)
         now = time.perf_counter()
+        if rtt > worst:
+            worst, worst_at = rtt, now - start
         if args.pid is not None and now >= next_check:
             next_check = now + 0.01
             if not alive(args.pid):
@@ -163,16 +175,22 @@ def watch(args, pinger, worker):
     timed_out = args.pid is not None and alive(args.pid)
     by_command = {}
     slowest = None
+    # Before SLOWLOG GET: reading thousands of entries is itself a command of tens of ms.
+    # LATENCY LATEST: [event, unix time, latest ms, max ms] for each event that took >= 1 ms.
+    events = {str(event[0]): int(event[3]) for event in call(worker, "LATENCY", "LATEST")}
+    # Each event's samples, [[unix seconds, ms], ...], to line them up with the PINGs.
+    history = {event: call(worker, "LATENCY", "HISTORY", event) for event in events}
     entries = call(worker, "SLOWLOG", "GET", "-1")
     for entry in entries:
         name = (entry[3][0] if entry[3] else "?").upper()
-        if name in ("CONFIG", "SLOWLOG"):
+        if name in ("CONFIG", "SLOWLOG", "LATENCY"):
             continue  # this tool's own
         by_command[name] = max(by_command.get(name, 0), entry[2])
         if slowest is None or entry[2] > slowest[2]:
             slowest = entry
     call(worker, "CONFIG", "SET", *[item for pair in saved.items() for item in pair])
     call(worker, "SLOWLOG", "RESET")
+    call(worker, "LATENCY", "RESET")
     top = max(by_command, key=by_command.get) if by_command else None
     print(json.dumps({
         "max_stall_ms": round(max(rtts) * 1000, 3),
@@ -186,6 +204,12 @@ def watch(args, pinger, worker):
         "server_max_by_command": {k: round(v / 1000, 3) for k, v in sorted(by_command.items())},
         "slowlog_threshold_us": args.slowlog_threshold_us,
         "slowlog_entries": len(entries),
+        # Redis's own events of 1 ms or more (commands, expire cycles, ...), the longest of each
+        # kind, in ms: {} when nothing inside Redis took a millisecond.
+        "server_events_ms": events,
+        "server_event_history": history,
+        "started_unix": round(started_unix, 3),
+        "worst_ping_unix": round(started_unix + worst_at, 3),
     }))
     if timed_out:
         sys.exit(f"stall.py: process {args.pid} still ran after {args.timeout} s")

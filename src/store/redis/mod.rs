@@ -640,20 +640,39 @@ impl RedisStore {
                 .bounded(|connection| async move { redis.refresh_rooms(connection, &parsed).await })
                 .await?;
         }
-        let mut sweep = lock(&self.sweep);
         let swept = rooms.len() as u64;
-        match rooms.last() {
-            Some(last) if rooms.len() == SWEEP_STEP => {
-                sweep.current = Some((start, phase, last.clone()));
-            }
-            _ if phase == 0 => sweep.current = Some((start, 1, String::new())),
-            _ => {
+        let more = match rooms.last() {
+            Some(last) if rooms.len() == SWEEP_STEP => Some((phase, last.clone())),
+            _ if phase == 0 => Some((1, String::new())),
+            _ => None,
+        };
+        if more.is_none() {
+            // The older set has now been read for both intervals after its
+            // own: free it in the background. Left to expire, it would be
+            // freed on Redis's main thread, and a set of 100,000 rooms
+            // takes tens of milliseconds to free.
+            redis
+                .bounded(|mut connection| {
+                    let seen = seen.clone();
+                    async move {
+                        Ok(redis::cmd("UNLINK")
+                            .arg(&seen)
+                            .query_async::<()>(&mut connection)
+                            .await?)
+                    }
+                })
+                .await?;
+        }
+        let going_on = more.is_some();
+        let mut sweep = lock(&self.sweep);
+        match more {
+            Some((phase, after)) => sweep.current = Some((start, phase, after)),
+            None => {
                 sweep.done = start;
                 sweep.current = None;
-                return Ok((swept, false));
             }
         }
-        Ok((swept, true))
+        Ok((swept, going_on))
     }
 
     async fn prune_step(&self) -> Result<(u64, bool), StoreError> {
