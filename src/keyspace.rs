@@ -354,6 +354,27 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Redis's clock in µs.
+local function clock_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- The next version of a room's counts, which orders the rooms index's
+-- updates. A room's first version is Redis's clock in µs, not 1: a room
+-- whose keys all expired before a sweep got to it starts again above every
+-- version the index still holds for it. Returns the version and whether
+-- the key was made now (it then expires at `expires`).
+local function next_version(key, expires)
+  local version = redis.call('INCR', key)
+  if version ~= 1 then
+    return version, false
+  end
+  version = clock_us()
+  redis.call('SET', key, string.format('%.0f', version), 'PXAT', expires)
+  return version, true
+end
+
 -- Whether someone watches the kind's scope, read once per script: a
 -- script never changes it after its first read.
 local function watched(k)
@@ -708,8 +729,8 @@ for i, kind in ipairs(kinds) do
     counts[i] = current + redis.call('ZCARD', k.old)
   end
 end
-local version = redis.call('INCR', KEYS[15])
-if renew or version == 1 then
+local version, fresh = next_version(KEYS[15], expires)
+if renew and not fresh then
   redis.call('PEXPIREAT', KEYS[15], expires)
 end
 if indexed then
@@ -777,10 +798,10 @@ return 1
 pub const ROOM_LEAVE_SCRIPT: &str = concat!(
     prelude!(),
     r#"
-local users, guests, start, _, user_names, guest_names = room_args()
+local users, guests, start, keep, user_names, guest_names = room_args()
 remove(users, 'users', user_names)
 remove(guests, 'guests', guest_names)
-local version = redis.call('INCR', KEYS[15])
+local version = next_version(KEYS[15], start + keep)
 return {start, count(users), count(guests), version}
 "#
 );
@@ -1038,10 +1059,14 @@ local now = now_ms()
 local start, rotated = catch_up(users, period, now, keep)
 local _, rotated_guests = catch_up(guests, period, now, keep)
 local u, g = count(users), count(guests)
-local version = tonumber(redis.call('GET', KEYS[15])) or 0
+local version = tonumber(redis.call('GET', KEYS[15]))
 if rotated == 1 or rotated_guests == 1 then
-  version = redis.call('INCR', KEYS[15])
+  version = next_version(KEYS[15], start + keep)
   redis.call('PEXPIREAT', KEYS[15], start + keep)
+elseif version == nil then
+  -- No room here (its keys expired, or it never was), as of now: newer
+  -- than whatever the index holds for it.
+  version = clock_us()
 end
 if u == 0 and g == 0 and redis.call('EXISTS', users.watched) == 0
     and redis.call('EXISTS', users.leaving) == 0 and redis.call('EXISTS', guests.leaving) == 0 then
