@@ -387,10 +387,11 @@ async fn the_sweep_frees_each_seen_set_itself_before_it_would_expire() {
 }
 
 /// A room's version (which orders its index updates) outlives every other
-/// key of the room: were it to expire first, the room's next report would
-/// start it again at 1, and the index would ignore the room's counts as
-/// older than what it holds. The case that matters: the room is rotated by
-/// a read, then reported into, which makes a new `current`.
+/// key of the room, so a room in use keeps one run of versions; were it to
+/// expire first, the next report would start a new run from Redis's clock
+/// (see `a_room_whose_keys_expired_unswept_is_ordered_by_its_new_count`).
+/// The case that matters: the room is rotated by a read, then reported
+/// into, which makes a new `current`.
 #[tokio::test]
 async fn a_rooms_version_outlives_its_other_keys_across_a_rotation() {
     let interval = Duration::from_millis(1000);
