@@ -735,10 +735,10 @@ if renew and not fresh then
 end
 if indexed then
   index_room({names = KEYS[16], users = KEYS[17], indexed = KEYS[18]}, room, counts[1], counts[2], version)
-  -- The sweep reads an interval's set during the two that follow.
+  -- See `SEEN_SETS_LIVE` (src/store/redis/mod.rs).
   local seen = KEYS[19] .. ':' .. start
   if redis.call('ZADD', seen, 0, room) == 1 then
-    redis.call('PEXPIREAT', seen, start + 3 * tonumber(ARGV[1]))
+    redis.call('PEXPIREAT', seen, start + 4 * tonumber(ARGV[1]))
   end
 end
 return {start, counts[1], counts[2], version}

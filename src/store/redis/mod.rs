@@ -60,6 +60,14 @@ const SWEEP_STEP: usize = 100;
 /// takes at most this many, and Redis serves others between calls.
 const INDEX_STEP: usize = 20;
 
+/// How many intervals an interval's set of rooms reported into lives, from
+/// its start, should no sweep free it: the sweep reads it during the two
+/// intervals that follow, and a sweep may start late in its interval (a
+/// replica learns of a new interval from its probe, once a second, and its
+/// keeper looks for work once a second), so it gets one interval more. The
+/// sweep frees each set with `UNLINK` once done with it.
+const SEEN_SETS_LIVE: u64 = 4;
+
 /// Last-seen entries pruned per step.
 const PRUNE_STEP: usize = 500;
 
@@ -387,8 +395,7 @@ impl Redis {
                 .key(&index.users)
                 .key(&index.indexed)
                 .key(&seen_key);
-            // The sweep reads an interval's set during the two that follow.
-            invocation.arg(seen.map_or(0, |start| start + 3 * self.period));
+            invocation.arg(seen.map_or(0, |start| start + SEEN_SETS_LIVE * self.period));
             for update in updates {
                 invocation
                     .arg(update.room.as_str())
