@@ -688,15 +688,17 @@ return {start, rotated}
 /// interval's start is appended: the one key not named in full, as only
 /// the script knows the interval).
 /// `ARGV`: interval ms, keep ms, number of users, the users, the guests;
-/// off a cluster, then the room.
+/// off a cluster, then the room and how long (ms) a seen set lives from
+/// its interval's start.
 /// Returns `{interval start, users online, guests online, version}`.
 pub const ROOM_REPORT_SCRIPT: &str = concat!(
     prelude!(),
     index_room!(),
     r#"
 local indexed = #KEYS > 15
-local room
+local room, seen_for
 if indexed then
+  seen_for = tonumber(table.remove(ARGV))
   room = table.remove(ARGV)
 end
 local users, guests, start, keep, user_names, guest_names, states = room_args()
@@ -735,10 +737,9 @@ if renew and not fresh then
 end
 if indexed then
   index_room({names = KEYS[16], users = KEYS[17], indexed = KEYS[18]}, room, counts[1], counts[2], version)
-  -- See `SEEN_SETS_LIVE` (src/store/redis/mod.rs).
   local seen = KEYS[19] .. ':' .. start
   if redis.call('ZADD', seen, 0, room) == 1 then
-    redis.call('PEXPIREAT', seen, start + 4 * tonumber(ARGV[1]))
+    redis.call('PEXPIREAT', seen, start + seen_for)
   end
 end
 return {start, counts[1], counts[2], version}
@@ -1061,8 +1062,11 @@ local _, rotated_guests = catch_up(guests, period, now, keep)
 local u, g = count(users), count(guests)
 local version = tonumber(redis.call('GET', KEYS[15]))
 if rotated == 1 or rotated_guests == 1 then
-  version = next_version(KEYS[15], start + keep)
-  redis.call('PEXPIREAT', KEYS[15], start + keep)
+  local fresh
+  version, fresh = next_version(KEYS[15], start + keep)
+  if not fresh then
+    redis.call('PEXPIREAT', KEYS[15], start + keep)
+  end
 elseif version == nil then
   -- No room here (its keys expired, or it never was), as of now: newer
   -- than whatever the index holds for it.

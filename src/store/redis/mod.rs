@@ -272,6 +272,12 @@ impl Redis {
     }
 
     /// Room keys expire on their own; the site's never do.
+    /// How long (ms) a seen set lives from its interval's start, should no
+    /// sweep free it: one figure for both ways the index is updated.
+    fn seen_sets_live(&self) -> u64 {
+        SEEN_SETS_LIVE * self.period
+    }
+
     fn keep_of(&self, scope: &Scope) -> u64 {
         match scope {
             Scope::Site => 0,
@@ -350,7 +356,7 @@ impl Redis {
             .arg(users)
             .arg(guests);
         if indexed == Indexed::InScript {
-            invocation.arg(room.as_str());
+            invocation.arg(room.as_str()).arg(self.seen_sets_live());
         }
         let (start, u, g, version): (u64, u64, u64, u64) = invocation.invoke_async(&mut connection).await?;
         let update = RoomUpdate {
@@ -395,7 +401,7 @@ impl Redis {
                 .key(&index.users)
                 .key(&index.indexed)
                 .key(&seen_key);
-            invocation.arg(seen.map_or(0, |start| start + SEEN_SETS_LIVE * self.period));
+            invocation.arg(seen.map_or(0, |start| start + self.seen_sets_live()));
             for update in updates {
                 invocation
                     .arg(update.room.as_str())
