@@ -25,6 +25,9 @@
 //! version of each room's counts there), `{P:rooms}:seen:START` (the rooms
 //! reported into during the interval that starts at START, for the sweep)
 //! and `{P:rooms}:sweep` (which replica sweeps the rooms this interval).
+//! Builds before the index kept versions in a sorted set wrote
+//! `{P:rooms}:versions` and `{P:rooms}:guests`; nothing reads them now, and
+//! the replica that takes each interval's sweep removes them.
 //!
 //! Pub/sub channels (sharded in a cluster, `SSUBSCRIBE`/`SPUBLISH`, so each
 //! message stays on the node of its slot; plain elsewhere):
@@ -207,6 +210,10 @@ pub struct RoomsIndexKeys {
     pub indexed: String,
     seen: String,
     pub sweep: String,
+    /// Keys of the index that earlier builds wrote and nothing reads any
+    /// more (`:versions`, `:guests`): removed once per interval by the
+    /// replica that takes the sweep, so an upgrade leaves nothing behind.
+    pub retired: [String; 2],
 }
 
 impl RoomsIndexKeys {
@@ -276,6 +283,7 @@ impl Keyspace {
                 indexed: format!("{rooms_tag}:indexed"),
                 seen: format!("{rooms_tag}:seen"),
                 sweep: format!("{rooms_tag}:sweep"),
+                retired: [format!("{rooms_tag}:versions"), format!("{rooms_tag}:guests")],
             },
         }
     }
@@ -1138,8 +1146,11 @@ return redis.call('ZRANGE', KEYS[2], from, from + n - 1, 'WITHSCORES')
 
 /// Takes the sweep of the rooms for the interval starting at `start`, once
 /// among all replicas. Returns 1 if this replica has it (now or already).
+/// The taker also removes the index's retired keys (in the background:
+/// `UNLINK`), which an earlier build still running in a rolling update may
+/// have written again since the last interval.
 ///
-/// `KEYS`: sweep. `ARGV`: interval start, replica.
+/// `KEYS`: sweep, the retired keys. `ARGV`: interval start, replica.
 pub const TAKE_SWEEP_SCRIPT: &str = r#"
 local mine = ARGV[1] .. '/' .. ARGV[2]
 local taken = redis.call('GET', KEYS[1])
@@ -1151,6 +1162,7 @@ if start >= tonumber(ARGV[1]) then
   return 0
 end
 redis.call('SET', KEYS[1], mine)
+redis.call('UNLINK', KEYS[2], KEYS[3])
 return 1
 "#;
 
@@ -1187,6 +1199,10 @@ mod tests {
         assert_eq!(keys.rooms.users, "{presence:rooms}:users");
         assert_eq!(keys.rooms.seen(300_000), "{presence:rooms}:seen:300000");
         assert_eq!(keys.rooms.sweep, "{presence:rooms}:sweep");
+        assert_eq!(
+            keys.rooms.retired,
+            ["{presence:rooms}:versions", "{presence:rooms}:guests"]
+        );
     }
 
     #[test]

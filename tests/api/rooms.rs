@@ -509,3 +509,46 @@ async fn the_rooms_index_ignores_an_update_older_than_the_one_it_holds() {
     );
     assert_eq!(update("den", 1, 0, 1), [room("den", 7.0), room("yard", 0.0)]);
 }
+
+/// Keys of the rooms index that an earlier build wrote and nothing reads
+/// now (its versions hash and its guests set) do not outlive an upgrade:
+/// the replica that takes an interval's sweep removes them. They carry no
+/// expiry, so left alone they would stay for ever.
+#[tokio::test]
+async fn the_index_keys_of_earlier_builds_are_removed_by_the_sweep() {
+    let interval = Duration::from_millis(1000);
+    let (app, redis) = start(Backend::Redis, interval).await;
+    let redis = redis.expect("a Redis");
+    let mut direct = redis.connection().expect("a direct connection");
+    let retired = ["{presence:rooms}:versions", "{presence:rooms}:guests"];
+    ::redis::cmd("HSET")
+        .arg(retired[0])
+        .arg("hall")
+        .arg(7)
+        .query::<()>(&mut direct)
+        .expect("HSET");
+    ::redis::cmd("ZADD")
+        .arg(retired[1])
+        .arg(-1)
+        .arg("hall")
+        .query::<()>(&mut direct)
+        .expect("ZADD");
+    app.report_user_in("ada", "hall").await.expect("reported");
+    eventually(
+        "the retired index keys to be gone",
+        3 * interval + Duration::from_secs(3),
+        || {
+            let left: u64 = ::redis::cmd("EXISTS")
+                .arg(&retired[..])
+                .query(&mut direct)
+                .expect("EXISTS");
+            async move { (left == 0).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        app.count("hall").await.expect("counts"),
+        (1, 0),
+        "the room itself is untouched"
+    );
+}

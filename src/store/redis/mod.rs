@@ -606,6 +606,8 @@ impl RedisStore {
                         .scripts
                         .take_sweep
                         .key(&redis.keys.rooms.sweep)
+                        .key(&redis.keys.rooms.retired[0])
+                        .key(&redis.keys.rooms.retired[1])
                         .arg(start)
                         .arg(self.bus.replica())
                         .invoke_async(&mut connection)
