@@ -862,53 +862,45 @@ return out
 ///
 /// `KEYS`: the kind's 9 (site) or 7 (room) keys.
 /// `ARGV`: interval ms, keep ms, names.
-/// Returns `{rotated, {0/1 per name, in order}}`.
+/// Returns `{rotated, {0/1 per name, in order}, Redis's clock in ms}`.
+///
+/// Users' last seen is read beside this script with a plain `ZMSCORE` of
+/// `{P:users}:last-seen`, its retention counted back from the clock this
+/// script returns. Not in a script: the scores are Unix ms, and a script
+/// would turn each into a Lua number and back into a string; that was most
+/// of what a `CheckOnline` of 100 users cost Redis (`bench/online`).
 pub const CHECK_SCRIPT: &str = concat!(
     prelude!(),
     r#"
 local k = kind_at(KEYS, 1, #KEYS == 9)
-local _, rotated = catch_up(k, tonumber(ARGV[1]), now_ms(), tonumber(ARGV[2]))
+local now = now_ms()
+local _, rotated = catch_up(k, tonumber(ARGV[1]), now, tonumber(ARGV[2]))
 local names = {}
 for i = 3, #ARGV do
   names[#names + 1] = ARGV[i]
 end
+-- `old` is asked only about the names not in `current`: a page's names
+-- are mostly one or the other, and each lookup in a big set is a cache miss.
 local current = redis.call('ZMSCORE', k.current, unpack(names))
-local old = redis.call('ZMSCORE', k.old, unpack(names))
-local online = {}
+local online, missing, at = {}, {}, {}
 for i = 1, #names do
-  if current[i] or old[i] then
+  if current[i] then
     online[i] = 1
   else
     online[i] = 0
+    missing[#missing + 1] = names[i]
+    at[#at + 1] = i
   end
 end
-return {rotated, online}
-"#
-);
-
-/// When each user was last seen, if within the retention.
-///
-/// `KEYS`: last seen. `ARGV`: retention ms, names.
-/// Returns, in order, the Unix ms as a string, or `""`.
-pub const LAST_SEEN_SCRIPT: &str = concat!(
-    prelude!(),
-    r#"
-local cutoff = now_ms() - tonumber(ARGV[1])
-local names = {}
-for i = 2, #ARGV do
-  names[#names + 1] = ARGV[i]
-end
-local scores = redis.call('ZMSCORE', KEYS[1], unpack(names))
-local seen = {}
-for i = 1, #names do
-  local at = tonumber(scores[i])
-  if at ~= nil and at >= cutoff then
-    seen[i] = string.format('%d', at)
-  else
-    seen[i] = ''
+if #missing > 0 then
+  local old = redis.call('ZMSCORE', k.old, unpack(missing))
+  for j = 1, #missing do
+    if old[j] then
+      online[at[j]] = 1
+    end
   end
 end
-return seen
+return {rotated, online, now}
 "#
 );
 

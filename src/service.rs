@@ -438,10 +438,9 @@ impl presence_server::Presence for PresenceService {
             let visitors = parse_visitors(request.usernames, &request.ip_addresses, &self.guests)?;
             let users = visitors.names(Kind::Users);
             let guests = visitors.names(Kind::Guests);
-            let (users_online, guests_online, last_seen) = tokio::try_join!(
-                self.store.check(&scope, Kind::Users, &users),
+            let ((users_online, last_seen), guests_online) = tokio::try_join!(
+                self.store.check_users(&scope, &users),
                 self.store.check(&scope, Kind::Guests, &guests),
-                self.store.last_seen(&users),
             )?;
             Ok(CheckOnlineResponse {
                 users: users

@@ -340,18 +340,20 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn last_seen(&self, users: &[&str]) -> Result<Vec<Option<u64>>, StoreError> {
+    async fn check_users(&self, scope: &Scope, users: &[&str]) -> Result<(Vec<bool>, Vec<Option<u64>>), StoreError> {
+        let online = self.check(scope, Kind::Users, users).await?;
         let Some(retention) = self.config.last_seen_retention else {
-            return Ok(vec![None; users.len()]);
+            return Ok((online, vec![None; users.len()]));
         };
         let cutoff = self
             .now_ms()
             .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
         let state = self.state();
-        Ok(users
+        let seen = users
             .iter()
             .map(|user| state.last_seen.get(*user).copied().filter(|at| *at >= cutoff))
-            .collect())
+            .collect();
+        Ok((online, seen))
     }
 
     async fn rooms(

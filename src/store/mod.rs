@@ -65,8 +65,9 @@ pub trait Store: Send + Sync + 'static {
     /// Whether each name of `kind` is online in `scope`, in order.
     async fn check(&self, scope: &Scope, kind: Kind, names: &[&str]) -> Result<Vec<bool>, StoreError>;
 
-    /// When each user was last seen (Unix ms), if within the retention.
-    async fn last_seen(&self, users: &[&str]) -> Result<Vec<Option<u64>>, StoreError>;
+    /// Whether each user is online in `scope`, in order, and when each was
+    /// last seen (Unix ms), if within the retention.
+    async fn check_users(&self, scope: &Scope, users: &[&str]) -> Result<(Vec<bool>, Vec<Option<u64>>), StoreError>;
 
     /// One page of the rooms with someone online, with exact counts.
     async fn rooms(

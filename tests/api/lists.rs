@@ -535,3 +535,30 @@ async fn the_list_cache_answers_from_the_past_for_at_most_its_age(backend: Backe
     )
     .await;
 }
+
+/// Last seen is answered only within the retention, counted on Redis's
+/// clock, even for an entry the pruning has not reached yet: one from 8
+/// days ago (retention 7 days) has none, one from a day ago has its own.
+#[tokio::test]
+async fn last_seen_outside_the_retention_is_not_answered_even_before_it_is_pruned() {
+    let (app, redis) = start(Backend::Redis, LONG).await;
+    let redis = redis.expect("a Redis");
+    let mut direct = redis.connection().expect("a direct connection");
+    let day = 24 * 3600 * 1000;
+    let now = unix_ms_now();
+    ::redis::cmd("ZADD")
+        .arg("{presence:users}:last-seen")
+        .arg(now - 8 * day)
+        .arg("gone-long-ago")
+        .arg(now - day)
+        .arg("yesterday")
+        .query::<()>(&mut direct)
+        .expect("ZADD");
+    let checked = app
+        .check("", &["gone-long-ago", "yesterday"], &[])
+        .await
+        .expect("checked");
+    assert_eq!(checked.users[0].last_seen, None, "8 days ago is outside 7 days");
+    let seen = ms(checked.users[1].last_seen.as_ref().expect("a day ago is within 7 days"));
+    assert_eq!(seen, now - day);
+}

@@ -130,7 +130,6 @@ struct Scripts {
     room_leave: Script,
     page: Script,
     check: Script,
-    last_seen: Script,
     prune_last_seen: Script,
     probe: Script,
     ping: Script,
@@ -154,7 +153,6 @@ impl Scripts {
             room_leave: Script::new(keyspace::ROOM_LEAVE_SCRIPT),
             page: Script::new(keyspace::PAGE_SCRIPT),
             check: Script::new(keyspace::CHECK_SCRIPT),
-            last_seen: Script::new(keyspace::LAST_SEEN_SCRIPT),
             prune_last_seen: Script::new(keyspace::PRUNE_LAST_SEEN_SCRIPT),
             probe: Script::new(keyspace::PROBE_SCRIPT),
             ping: Script::new(keyspace::PING_SCRIPT),
@@ -577,6 +575,47 @@ impl RedisStore {
         result
     }
 
+    /// [`keyspace::CHECK_SCRIPT`]: whether each name of `kind` is online in
+    /// `scope`, and Redis's clock (ms) when it was asked.
+    async fn check_script(&self, scope: &Scope, kind: Kind, names: &[&str]) -> Result<(Vec<bool>, u64), StoreError> {
+        let redis = &self.redis;
+        let keys = redis.kind_keys(scope, kind);
+        let result = redis
+            .bounded(|mut connection| async move {
+                let mut invocation = redis.scripts.check.prepare_invoke();
+                for key in &keys {
+                    invocation.key(key);
+                }
+                let (rotated, online, now): (u8, Vec<u8>, u64) = invocation
+                    .arg(redis.publish)
+                    .arg(redis.period)
+                    .arg(redis.keep_of(scope))
+                    .arg(names)
+                    .invoke_async(&mut connection)
+                    .await?;
+                redis.rotated(scope, kind, rotated);
+                Ok((online.into_iter().map(|o| o == 1).collect(), now))
+            })
+            .await;
+        self.failed(result)
+    }
+
+    /// Each user's last seen score (Unix ms), by a plain `ZMSCORE`: see
+    /// [`keyspace::CHECK_SCRIPT`] for why not a script.
+    async fn last_seen_scores(&self, users: &[&str]) -> Result<Vec<Option<f64>>, StoreError> {
+        let redis = &self.redis;
+        let result = redis
+            .bounded(|mut connection| async move {
+                Ok(redis::cmd("ZMSCORE")
+                    .arg(&redis.keys.last_seen)
+                    .arg(users)
+                    .query_async(&mut connection)
+                    .await?)
+            })
+            .await;
+        self.failed(result)
+    }
+
     /// One step of the rooms' sweep: after each interval begins, every
     /// room reported into during the two before (and not since) is brought
     /// into the new interval, its index entry updated, and an empty room's
@@ -840,51 +879,29 @@ impl Store for RedisStore {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let redis = &self.redis;
-        let keys = redis.kind_keys(scope, kind);
-        let result = redis
-            .bounded(|mut connection| async move {
-                let mut invocation = redis.scripts.check.prepare_invoke();
-                for key in &keys {
-                    invocation.key(key);
-                }
-                let (rotated, online): (u8, Vec<u8>) = invocation
-                    .arg(redis.publish)
-                    .arg(redis.period)
-                    .arg(redis.keep_of(scope))
-                    .arg(names)
-                    .invoke_async(&mut connection)
-                    .await?;
-                redis.rotated(scope, kind, rotated);
-                Ok(online.into_iter().map(|o| o == 1).collect())
-            })
-            .await;
-        self.failed(result)
+        Ok(self.check_script(scope, kind, names).await?.0)
     }
 
-    async fn last_seen(&self, users: &[&str]) -> Result<Vec<Option<u64>>, StoreError> {
-        let Some((_, retention)) = self.redis.last_seen else {
-            return Ok(vec![None; users.len()]);
-        };
+    /// The check and the last seen scores go out together; the retention
+    /// is counted back from Redis's clock as the check script read it.
+    async fn check_users(&self, scope: &Scope, users: &[&str]) -> Result<(Vec<bool>, Vec<Option<u64>>), StoreError> {
         if users.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
-        let redis = &self.redis;
-        let result = redis
-            .bounded(|mut connection| async move {
-                let seen: Vec<String> = redis
-                    .scripts
-                    .last_seen
-                    .key(&redis.keys.last_seen)
-                    .arg(redis.publish)
-                    .arg(retention)
-                    .arg(users)
-                    .invoke_async(&mut connection)
-                    .await?;
-                Ok(seen.into_iter().map(|at| at.parse().ok()).collect())
-            })
-            .await;
-        self.failed(result)
+        let Some((_, retention)) = self.redis.last_seen else {
+            return Ok((self.check(scope, Kind::Users, users).await?, vec![None; users.len()]));
+        };
+        let ((online, now), scores) = tokio::try_join!(
+            self.check_script(scope, Kind::Users, users),
+            self.last_seen_scores(users)
+        )?;
+        let cutoff = now.saturating_sub(retention);
+        let seen = scores
+            .into_iter()
+            // Scores are whole ms, well within f64's exact integers.
+            .map(|score| score.map(|at| at as u64).filter(|at| *at >= cutoff))
+            .collect();
+        Ok((online, seen))
     }
 
     async fn rooms(
