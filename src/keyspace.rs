@@ -867,8 +867,9 @@ return out
 /// Users' last seen is read beside this script with a plain `ZMSCORE` of
 /// `{P:users}:last-seen`, its retention counted back from the clock this
 /// script returns. Not in a script: the scores are Unix ms, and a script
-/// would turn each into a Lua number and back into a string; that was most
-/// of what a `CheckOnline` of 100 users cost Redis (`bench/online`).
+/// turned each into a Lua number and back into a string, which made the
+/// read cost Redis about twice a plain `ZMSCORE` (BENCHMARKS.md, sixth
+/// pass).
 pub const CHECK_SCRIPT: &str = concat!(
     prelude!(),
     r#"
