@@ -269,13 +269,13 @@ impl Redis {
         }
     }
 
-    /// Room keys expire on their own; the site's never do.
     /// How long (ms) a seen set lives from its interval's start, should no
     /// sweep free it: one figure for both ways the index is updated.
     fn seen_sets_live(&self) -> u64 {
         SEEN_SETS_LIVE * self.period
     }
 
+    /// Room keys expire on their own; the site's never do.
     fn keep_of(&self, scope: &Scope) -> u64 {
         match scope {
             Scope::Site => 0,
